@@ -1,0 +1,592 @@
+//! The command line: `mailqueue [--config FILE] <command>`.
+//!
+//! Job: parse arguments (clap), find the config (`--config` > `$MAILQUEUE_CONFIG` >
+//! /etc/mailqueue/mailqueue.toml), run the command, print its result, and map errors to exit
+//! statuses (78 for configuration, 64 for usage, 1 otherwise).
+//!
+//! Not its job: any delivery or SQL logic; every command is a few calls into `store`,
+//! `scheduler` and `deliver`.
+//!
+//! Invariants: stdout carries the command's result (so scripts can read it), stderr the logs;
+//! no secret is printed (`check-config` masks them).
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Config};
+use crate::deliver::{Deliverer, Step};
+use crate::error::{Error, Lang};
+use crate::scheduler::{self, Worker};
+use crate::signals::{self, Control, Shutdown};
+use crate::store::{self, NewMail, RunLock, Store};
+use crate::telemetry;
+
+/// Delivers a CRM's queued mails through one SMTP account, paced to the provider's limit.
+#[derive(Parser, Debug)]
+#[command(name = "mailqueue", version, about)]
+pub struct Cli {
+    /// The config file.
+    #[arg(long, global = true, env = "MAILQUEUE_CONFIG", default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: deliver due mails at the configured pace until stopped.
+    Run {
+        /// Deliver what is due now, then exit (for cron and tests).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Create or upgrade the queue tables, then exit.
+    Migrate,
+    /// Validate the config and print the effective settings (secrets masked).
+    CheckConfig {
+        /// Also connect: TLS, SMTP login, then QUIT without sending.
+        #[arg(long)]
+        connect: bool,
+    },
+    /// Send a test mail now, through the same code as the daemon, and print each step.
+    TestSend {
+        /// The recipient (use an address on another domain than the sender).
+        #[arg(long)]
+        to: String,
+        /// The subject.
+        #[arg(long)]
+        subject: Option<String>,
+        /// The body.
+        #[arg(long)]
+        body: Option<String>,
+    },
+    /// Add a mail to the queue and print its id.
+    Enqueue(EnqueueArgs),
+    /// Show counts per status, the oldest waiting mail and whether the queue is paused.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List mails, newest first.
+    List {
+        /// Only mails with this status.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one mail with its recipients and attempts.
+    Show {
+        /// The mail's id.
+        id: i64,
+    },
+    /// Put a failed (or held, or cancelled) mail back in the queue, due now.
+    Retry {
+        /// The mail's id.
+        #[arg(required_unless_present = "failed", conflicts_with = "failed")]
+        id: Option<i64>,
+        /// Every failed mail.
+        #[arg(long)]
+        failed: bool,
+    },
+    /// Cancel a waiting mail.
+    Cancel {
+        /// The mail's id.
+        id: i64,
+    },
+    /// Lift an account pause now (after fixing its cause).
+    Resume,
+    /// Delete finished mails (sent, failed, cancelled) older than the given age.
+    Purge {
+        /// For example 30d.
+        #[arg(long)]
+        older_than: String,
+    },
+    /// Demo: enqueue a few sample mails and deliver them at the configured pace, then exit.
+    Demo,
+}
+
+/// `mailqueue enqueue`.
+#[derive(Args, Debug)]
+pub struct EnqueueArgs {
+    /// Recipients (an RFC 5322 list).
+    #[arg(long)]
+    to: String,
+    /// Cc recipients.
+    #[arg(long, default_value = "")]
+    cc: String,
+    /// Bcc recipients.
+    #[arg(long, default_value = "")]
+    bcc: String,
+    /// The subject.
+    #[arg(long)]
+    subject: String,
+    /// The text body.
+    #[arg(
+        long,
+        conflicts_with = "body_file",
+        required_unless_present = "body_file"
+    )]
+    body: Option<String>,
+    /// Read the text body from a file.
+    #[arg(long)]
+    body_file: Option<PathBuf>,
+    /// Read an HTML alternative from a file.
+    #[arg(long)]
+    html_file: Option<PathBuf>,
+    /// Higher goes first.
+    #[arg(long, default_value_t = 0)]
+    priority: i64,
+    /// Not before this time (e.g. 2026-12-24T09:00:00Z).
+    #[arg(long)]
+    send_after: Option<String>,
+}
+
+/// Parses the command line and runs it; returns the process exit status.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mailqueue: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mailqueue: {}", e.text(Lang::En));
+            e.exit_code()
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Config, Error> {
+    let cfg = config::load(path)?;
+    telemetry::init(&cfg.log);
+    Ok(cfg)
+}
+
+async fn open_store(path: &Path) -> Result<Store, Error> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || Store::open(&p))
+        .await
+        .map_err(|e| Error::db(format!("open task failed: {e}")))?
+}
+
+async fn dispatch(cli: Cli) -> Result<i32, Error> {
+    match cli.command {
+        Command::CheckConfig { connect } => check_config(&cli.config, connect).await,
+        Command::Run { once } => run(&cli.config, once).await,
+        Command::Demo => demo(&cli.config).await,
+        Command::TestSend { to, subject, body } => test_send(&cli.config, to, subject, body).await,
+        other => {
+            let cfg = load(&cli.config)?;
+            let store = open_store(&cfg.queue.database).await?;
+            admin(other, &cfg, &store).await
+        }
+    }
+}
+
+async fn check_config(path: &Path, connect: bool) -> Result<i32, Error> {
+    let cfg = load(path)?;
+    print!("{}", cfg.describe());
+    if !cfg.sender.local_hostname.contains('.') {
+        eprintln!(
+            "warning: sender.local_hostname {:?} is not fully qualified; many servers refuse such an EHLO name",
+            cfg.sender.local_hostname
+        );
+    }
+    let mut deliverer = Deliverer::new(&cfg)?;
+    println!("# config OK");
+    if !connect {
+        return Ok(0);
+    }
+    deliverer = deliverer.with_progress(print_step());
+    Ok(match deliverer.probe().await {
+        Ok(()) => 0,
+        Err(_) => 1,
+    })
+}
+
+fn print_step() -> Box<dyn Fn(&Step) + Send + Sync> {
+    Box::new(|s: &Step| match &s.result {
+        Ok(d) => println!("[ok] {}: {d}", s.what),
+        Err(e) => println!("[failed] {}: {e}", s.what),
+    })
+}
+
+async fn run(path: &Path, once: bool) -> Result<i32, Error> {
+    let cfg = load(path)?;
+    let store = open_store(&cfg.queue.database).await?;
+    let (lock, exclusive) = RunLock::acquire(&cfg.queue.database)?;
+    recover(&store, &cfg, exclusive).await?;
+    lock.downgrade()?;
+    let (trigger, shutdown) = signals::shutdown_pair();
+    let mut controls = signals::listen(trigger).map_err(|e| Error::Usage {
+        detail: format!("cannot listen for signals: {e}"),
+    })?;
+    tokio::spawn(async move {
+        while let Some(c) = controls.recv().await {
+            if c == Control::Reload {
+                tracing::warn!("SIGHUP received: reloading is not supported by this version yet; restart to apply config changes.");
+            }
+        }
+    });
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        database = %cfg.queue.database.display(),
+        server = %format!("{}:{}", cfg.smtp.host, cfg.smtp.port),
+        interval_ms = cfg.rate.interval.as_millis() as u64,
+        once,
+        "mailqueue started."
+    );
+    let stats = scheduler::run(cfg, store, shutdown, once).await?;
+    tracing::info!(
+        attempts = stats.attempts,
+        sent = stats.sent,
+        failed = stats.failed,
+        "mailqueue stopped."
+    );
+    drop(lock);
+    Ok(0)
+}
+
+async fn recover(store: &Store, cfg: &Config, exclusive: bool) -> Result<(), Error> {
+    if !exclusive {
+        tracing::info!("Another mailqueue process is delivering from this queue; rows in 'sending' are left to it.");
+        return Ok(());
+    }
+    let text = Error::InDoubt {
+        detail: "mailqueue stopped during the delivery".into(),
+    }
+    .text(cfg.log.error_language);
+    let ids = store.recover_sending(text).await?;
+    if !ids.is_empty() {
+        tracing::warn!(mail_ids = ?ids, "Rows left 'sending' by a previous run are queued again; they may have been delivered (in doubt).");
+    }
+    Ok(())
+}
+
+async fn test_send(
+    path: &Path,
+    to: String,
+    subject: Option<String>,
+    body: Option<String>,
+) -> Result<i32, Error> {
+    let cfg = load(path)?;
+    let lang = cfg.log.error_language;
+    let store = open_store(&cfg.queue.database).await?;
+    let (lock, _) = RunLock::acquire(&cfg.queue.database)?;
+    lock.downgrade()?;
+    let deliverer = Deliverer::new(&cfg)?.with_progress(print_step());
+    let (mut worker, first_wait) = Worker::new(cfg, store.clone(), deliverer).await?;
+    let mut never = Shutdown::never();
+    if !first_wait.is_zero() {
+        println!(
+            "waiting {} ms for the pace (a mail was sent recently)",
+            first_wait.as_millis()
+        );
+        never.sleep(first_wait).await;
+    }
+    worker.wait_for_pace(&mut never).await;
+    let (def_subject, def_body) = match lang {
+        Lang::Ja => ("テストメール", "メール送信のテスト"),
+        Lang::En => (
+            "mailqueue test mail",
+            "This is a test mail sent by mailqueue.",
+        ),
+    };
+    let mail = NewMail {
+        to,
+        subject: subject.unwrap_or_else(|| def_subject.into()),
+        body_text: body.unwrap_or_else(|| def_body.into()),
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    let claim = store
+        .insert_claimed(mail, worker.msgid_domain().to_string())
+        .await?;
+    let fin = worker.attempt(claim, false).await;
+    worker.close().await;
+    if fin.status == "sent" {
+        if let Some(t) = &fin.text {
+            println!("{t}");
+        }
+        println!(
+            "{}",
+            if lang == Lang::Ja {
+                "メールを送信しました"
+            } else {
+                "Mail sent"
+            }
+        );
+        Ok(0)
+    } else {
+        println!("{}", fin.text.unwrap_or_default());
+        Ok(1)
+    }
+}
+
+async fn admin(cmd: Command, cfg: &Config, store: &Store) -> Result<i32, Error> {
+    let lang = cfg.log.error_language;
+    match cmd {
+        Command::Migrate => {
+            println!(
+                "queue tables are at schema version {} in {}",
+                store::schema_version(),
+                store.path().display()
+            );
+        }
+        Command::Enqueue(a) => {
+            let body_text = match (a.body, a.body_file) {
+                (Some(b), _) => b,
+                (None, Some(f)) => read_file(&f)?,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let body_html = a.html_file.as_deref().map(read_file).transpose()?;
+            let send_after = match a.send_after {
+                None => None,
+                Some(s) => Some(store::ts(store::parse_ts(&s).ok_or_else(|| {
+                    Error::Usage {
+                        detail: format!(
+                            "--send-after {s:?} is not a time like 2026-12-24T09:00:00Z"
+                        ),
+                    }
+                })?)),
+            };
+            let id = store
+                .enqueue(NewMail {
+                    to: a.to,
+                    cc: a.cc,
+                    bcc: a.bcc,
+                    subject: a.subject,
+                    body_text,
+                    body_html,
+                    priority: a.priority,
+                    send_after,
+                    max_attempts: None,
+                })
+                .await?;
+            println!("{id}");
+        }
+        Command::Status { json } => {
+            let s = store.summary().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+            } else {
+                for (st, n) in &s.counts {
+                    println!("{st:<10} {n}");
+                }
+                println!(
+                    "oldest waiting: {}",
+                    s.oldest_waiting.as_deref().unwrap_or("-")
+                );
+                if s.state.paused {
+                    println!(
+                        "PAUSED since {} until {} ({}): {}",
+                        s.state.paused_since.as_deref().unwrap_or("?"),
+                        s.state.paused_until.as_deref().unwrap_or("?"),
+                        s.state.error_code.as_deref().unwrap_or("?"),
+                        s.state.error_text.as_deref().unwrap_or("")
+                    );
+                } else {
+                    println!("not paused");
+                }
+            }
+        }
+        Command::List {
+            status,
+            limit,
+            json,
+        } => {
+            if let Some(s) = &status {
+                if !store::STATUSES.contains(&s.as_str()) {
+                    return Err(Error::Usage {
+                        detail: format!(
+                            "--status {s:?} is not one of {}",
+                            store::STATUSES.join(", ")
+                        ),
+                    });
+                }
+            }
+            let rows = store.list(status, limit).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).unwrap_or_default()
+                );
+            } else {
+                println!(
+                    "{:>6}  {:<9}  {:>3}  {:<24}  {:<30}  subject / last_error",
+                    "id", "status", "try", "created_at", "to"
+                );
+                for r in rows {
+                    let g = |k: &str| match r.get(k) {
+                        Some(serde_json::Value::String(s)) => s.clone(),
+                        Some(serde_json::Value::Null) | None => String::new(),
+                        Some(v) => v.to_string(),
+                    };
+                    let tail = if g("last_error").is_empty() {
+                        g("subject")
+                    } else {
+                        format!("{} / {}", g("subject"), g("last_error"))
+                    };
+                    println!(
+                        "{:>6}  {:<9}  {:>3}  {:<24}  {:<30}  {}",
+                        g("id"),
+                        g("status"),
+                        g("attempts"),
+                        g("created_at"),
+                        g("to_addrs"),
+                        tail
+                    );
+                }
+            }
+        }
+        Command::Show { id } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&store.show(id).await?).unwrap_or_default()
+            );
+        }
+        Command::Retry { id, .. } => {
+            let n = store.retry(id).await?;
+            println!("{n} mail(s) queued again");
+        }
+        Command::Cancel { id } => {
+            store.cancel(id).await?;
+            println!("mail {id} cancelled");
+        }
+        Command::Resume => {
+            let was = store.resume().await?;
+            println!(
+                "{}",
+                if was {
+                    "queue resumed"
+                } else {
+                    "queue was not paused"
+                }
+            );
+        }
+        Command::Purge { older_than } => {
+            let age = config::parse_duration(&older_than).map_err(|e| Error::Usage {
+                detail: format!("--older-than: {e}"),
+            })?;
+            let cutoff = SystemTime::now()
+                .checked_sub(age)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            let n = store.purge(cutoff).await?;
+            println!("{n} mail(s) purged");
+        }
+        Command::Run { .. }
+        | Command::CheckConfig { .. }
+        | Command::TestSend { .. }
+        | Command::Demo => unreachable!(),
+    }
+    let _ = lang;
+    Ok(0)
+}
+
+fn read_file(p: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(p).map_err(|e| Error::Usage {
+        detail: format!("cannot read {}: {e}", p.display()),
+    })
+}
+
+/// The demo: a local queue, the file transport, five sample mails at the configured pace.
+async fn demo(path: &Path) -> Result<i32, Error> {
+    let cfg = load(path)?;
+    if let Some(dir) = cfg
+        .queue
+        .database
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::db(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let store = open_store(&cfg.queue.database).await?;
+    let samples = [
+        (
+            "山田 太郎 <yamada@example.jp>",
+            "活動報告: 株式会社サンプル訪問",
+            "本日の訪問結果を報告します。\n次回は来週火曜日です。",
+        ),
+        (
+            "sato@example.com",
+            "Weekly activity report",
+            "Three visits, two proposals sent.",
+        ),
+        (
+            "suzuki@example.net, tanaka@example.org",
+            "商談のお知らせ",
+            "新しい商談が登録されました。",
+        ),
+        (
+            "Jane Doe <jane@example.com>",
+            "Reminder: follow-up call",
+            "Call the customer back on Friday.",
+        ),
+        ("info@example.jp", "テストメール", "メール送信のテスト"),
+    ];
+    let mut ids = vec![];
+    for (to, subject, body) in samples {
+        ids.push(
+            store
+                .enqueue(NewMail {
+                    to: to.into(),
+                    subject: subject.into(),
+                    body_text: body.into(),
+                    ..Default::default()
+                })
+                .await?,
+        );
+    }
+    println!(
+        "Enqueued {} mails (ids {}..={}); delivering one every {} ms into {} ...",
+        ids.len(),
+        ids[0],
+        ids[ids.len() - 1],
+        cfg.rate.interval.as_millis(),
+        cfg.smtp
+            .dir
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|| format!("{}:{}", cfg.smtp.host, cfg.smtp.port))
+    );
+    let started = std::time::Instant::now();
+    let stats = scheduler::run(cfg, store.clone(), Shutdown::never(), true).await?;
+    let rows = store.list(None, ids.len()).await?;
+    for r in rows.iter().rev() {
+        println!(
+            "  #{} {} at {}  to {}  \"{}\"",
+            r["id"],
+            r["status"].as_str().unwrap_or(""),
+            r["sent_at"].as_str().unwrap_or("-"),
+            r["to_addrs"].as_str().unwrap_or(""),
+            r["subject"].as_str().unwrap_or("")
+        );
+    }
+    println!(
+        "Done: {} sent, {} failed in {:.1} s. See `mailqueue --config {} list`.",
+        stats.sent,
+        stats.failed,
+        started.elapsed().as_secs_f64(),
+        path.display()
+    );
+    Ok(if stats.failed == 0 { 0 } else { 1 })
+}

@@ -1,0 +1,324 @@
+//! Building a mail from a queue row.
+//!
+//! Job: parse the row's address lists (RFC 5322: `山田 太郎 <yamada@example.jp>, b@example.com`),
+//! check what would otherwise reach the wire unchecked (control characters in headers, an empty
+//! recipient list, a malformed `send_after`), and build the RFC 5322 message with lettre: From
+//! with its display name (encoded per RFC 2047 when not ASCII), To/Cc (Bcc only in the
+//! envelope), Reply-To, Subject, the stored Message-ID, Date, and a text body with an optional
+//! HTML alternative.
+//!
+//! Not its job: sending, or deciding what a bad row means (it returns an [`Error`]; the caller
+//! fails the row).
+//!
+//! Invariants: the same row builds the same headers on every attempt (the Message-ID is the
+//! row's); every recipient appears once in the envelope; the result is no larger than
+//! `max_message_size`.
+
+use std::str::FromStr;
+
+use lettre::message::header::ContentType;
+use lettre::message::{Mailbox, MultiPart, SinglePart};
+use lettre::Address;
+
+use crate::config::SenderConfig;
+use crate::error::Error;
+use crate::store::Claim;
+
+/// One envelope recipient and the header it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipient {
+    /// The address.
+    pub address: Address,
+    /// "to", "cc" or "bcc".
+    pub kind: &'static str,
+}
+
+/// A built mail.
+#[derive(Debug, Clone)]
+pub struct Composed {
+    /// Every recipient of the mail, in order, each once.
+    pub recipients: Vec<Recipient>,
+    /// The message as sent after DATA (CRLF line ends; lettre dot-stuffs on the wire).
+    pub bytes: Vec<u8>,
+}
+
+/// Splits an address list at top-level commas (and semicolons, which many CRMs and Outlook
+/// use), ignoring those inside quotes, angle brackets and comments.
+fn split_list(s: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut quoted, mut angle, mut paren, mut escape) = (false, false, 0u32, false);
+    let mut start = 0;
+    for (i, c) in s.char_indices() {
+        if escape {
+            escape = false;
+            continue;
+        }
+        match c {
+            '\\' if quoted => escape = true,
+            '"' if !angle => quoted = !quoted,
+            '<' if !quoted => angle = true,
+            '>' if !quoted => angle = false,
+            '(' if !quoted && !angle => paren += 1,
+            ')' if !quoted && !angle => paren = paren.saturating_sub(1),
+            ',' | ';' if !quoted && !angle && paren == 0 => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&s[start..]);
+    out.into_iter()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// Parses one `addr` or `Display Name <addr>` strictly: anything else is an error, never
+/// silently dropped.
+fn parse_mailbox(piece: &str) -> Result<Mailbox, String> {
+    if piece.chars().any(|c| c.is_control()) {
+        return Err("contains a control character (line break, tab or NUL)".into());
+    }
+    let (name, addr) = match (piece.rfind('<'), piece.ends_with('>')) {
+        (Some(lt), true) => (Some(piece[..lt].trim()), &piece[lt + 1..piece.len() - 1]),
+        (None, false) => (None, piece),
+        _ => return Err("unbalanced < >".into()),
+    };
+    let addr = addr.trim();
+    if addr.chars().any(char::is_whitespace) || addr.contains(['<', '>', '"', ',']) {
+        return Err(format!("{addr:?} is not one address"));
+    }
+    if addr.len() > 254 {
+        return Err("address longer than 254 characters".into());
+    }
+    let address = Address::from_str(addr).map_err(|e| format!("{addr:?}: {e}"))?;
+    let name = name.filter(|n| !n.is_empty()).map(|n| {
+        let n = n
+            .strip_prefix('"')
+            .and_then(|n| n.strip_suffix('"'))
+            .unwrap_or(n);
+        n.replace("\\\"", "\"").replace("\\\\", "\\")
+    });
+    Ok(Mailbox::new(name, address))
+}
+
+/// Parses a column's address list. Empty text is an empty list.
+pub fn parse_list(column: &str, value: &str) -> Result<Vec<Mailbox>, Error> {
+    split_list(value)
+        .into_iter()
+        .map(|p| {
+            parse_mailbox(p).map_err(|detail| Error::InvalidAddress {
+                column: column.to_string(),
+                value: p.to_string(),
+                detail,
+            })
+        })
+        .collect()
+}
+
+fn no_controls(column: &str, v: &str) -> Result<(), Error> {
+    if v.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(Error::InvalidRow {
+            detail: format!("{column} contains a line break or control character"),
+        });
+    }
+    Ok(())
+}
+
+/// Builds the mail for a claimed row.
+pub fn compose(claim: &Claim, sender: &SenderConfig, max_size: u64) -> Result<Composed, Error> {
+    no_controls("subject", &claim.subject)?;
+    if let Some(sa) = &claim.send_after {
+        if crate::store::parse_ts(sa).is_none() {
+            return Err(Error::InvalidRow {
+                detail: format!(
+                    "send_after {sa:?} is not a timestamp like 2026-12-03T09:00:00.000Z"
+                ),
+            });
+        }
+    }
+    let to = parse_list("to_addrs", &claim.to_addrs)?;
+    let cc = parse_list("cc_addrs", &claim.cc_addrs)?;
+    let bcc = parse_list("bcc_addrs", &claim.bcc_addrs)?;
+    let reply_to = parse_list("reply_to", &claim.reply_to)?;
+
+    let mut recipients: Vec<Recipient> = Vec::new();
+    for (list, kind) in [(&to, "to"), (&cc, "cc"), (&bcc, "bcc")] {
+        for mb in list {
+            let dup = recipients.iter().any(|r| {
+                r.address
+                    .to_string()
+                    .eq_ignore_ascii_case(mb.email.as_ref())
+            });
+            if !dup {
+                recipients.push(Recipient {
+                    address: mb.email.clone(),
+                    kind,
+                });
+            }
+        }
+    }
+    if recipients.is_empty() {
+        return Err(Error::InvalidRow {
+            detail: "no recipients (to_addrs, cc_addrs and bcc_addrs are empty)".into(),
+        });
+    }
+
+    let mut b = lettre::Message::builder()
+        .from(sender.from.clone())
+        .subject(claim.subject.clone())
+        .message_id(Some(claim.message_id.clone()));
+    for mb in to {
+        b = b.to(mb);
+    }
+    for mb in cc {
+        b = b.cc(mb);
+    }
+    for mb in reply_to {
+        b = b.reply_to(mb);
+    }
+    let all: Vec<Address> = recipients.iter().map(|r| r.address.clone()).collect();
+    let envelope = lettre::address::Envelope::new(Some(sender.envelope_from.clone()), all)
+        .map_err(|e| Error::InvalidRow {
+            detail: format!("envelope: {e}"),
+        })?;
+    b = b.envelope(envelope);
+    let text = SinglePart::builder()
+        .content_type(ContentType::TEXT_PLAIN)
+        .body(claim.body_text.clone());
+    let msg = match &claim.body_html {
+        Some(html) if !html.trim().is_empty() => b.multipart(
+            MultiPart::alternative().singlepart(text).singlepart(
+                SinglePart::builder()
+                    .content_type(ContentType::TEXT_HTML)
+                    .body(html.clone()),
+            ),
+        ),
+        _ => b.singlepart(text),
+    }
+    .map_err(|e| Error::InvalidRow {
+        detail: e.to_string(),
+    })?;
+    let bytes = msg.formatted();
+    if bytes.len() as u64 > max_size {
+        return Err(Error::TooLarge {
+            size: bytes.len() as u64,
+            max: max_size,
+        });
+    }
+    Ok(Composed { recipients, bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sender() -> SenderConfig {
+        SenderConfig {
+            from: Mailbox::new(Some("CRM 通知".into()), "crm@example.com".parse().unwrap()),
+            envelope_from: "bounce@example.com".parse().unwrap(),
+            local_hostname: "h.example".into(),
+        }
+    }
+
+    fn claim(to: &str) -> Claim {
+        Claim {
+            id: 1,
+            attempt_id: 1,
+            message_id: "<abc@example.com>".into(),
+            attempts: 1,
+            max_attempts: None,
+            to_addrs: to.into(),
+            cc_addrs: String::new(),
+            bcc_addrs: String::new(),
+            reply_to: String::new(),
+            subject: "活動報告".into(),
+            body_text: "本文\n. a dot line\n".into(),
+            body_html: None,
+            created_at: String::new(),
+            send_after: None,
+            settled: vec![],
+            while_paused: false,
+        }
+    }
+
+    #[test]
+    fn japanese_names_and_lists_parse() {
+        let l = parse_list(
+            "to_addrs",
+            "山田 太郎 <yamada@example.jp>, b@example.com; \"Doe, John\" <j@example.com>",
+        )
+        .unwrap();
+        assert_eq!(l.len(), 3);
+        assert_eq!(l[0].name.as_deref(), Some("山田 太郎"));
+        assert_eq!(l[0].email.to_string(), "yamada@example.jp");
+        assert_eq!(l[2].name.as_deref(), Some("Doe, John"));
+    }
+
+    #[test]
+    fn junk_is_an_error_not_a_dropped_recipient() {
+        for bad in [
+            "a@example.com junk",
+            "not-an-address",
+            "x <a@example.com",
+            "a@example.com\r\nBcc: evil@x.com",
+        ] {
+            let e = parse_list("to_addrs", bad).unwrap_err();
+            assert_eq!(e.code(), "invalid_address", "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_built_mail_has_headers_envelope_and_no_bcc_header() {
+        let mut c = claim("山田 太郎 <yamada@example.jp>");
+        c.bcc_addrs = "hidden@example.net".into();
+        c.cc_addrs = "YAMADA@example.jp, c@example.com".into();
+        let m = compose(&c, &sender(), 1 << 20).unwrap();
+        let kinds: Vec<(String, &str)> = m
+            .recipients
+            .iter()
+            .map(|r| (r.address.to_string(), r.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("yamada@example.jp".to_string(), "to"),
+                ("c@example.com".to_string(), "cc"),
+                ("hidden@example.net".to_string(), "bcc")
+            ]
+        );
+        let text = String::from_utf8(m.bytes).unwrap();
+        assert!(text.contains("Message-ID: <abc@example.com>"), "{text}");
+        assert!(text.contains("From: =?utf-8?b?"), "{text}");
+        assert!(!text.to_ascii_lowercase().contains("bcc:"), "{text}");
+        assert!(!text.contains("hidden@example.net"));
+        assert!(text.contains("\r\n"));
+    }
+
+    #[test]
+    fn hostile_or_empty_rows_are_refused_with_a_reason() {
+        let mut c = claim("a@example.com");
+        c.subject = "hi\r\nBcc: evil@example.com".into();
+        assert_eq!(
+            compose(&c, &sender(), 1 << 20).unwrap_err().code(),
+            "invalid_row"
+        );
+        assert_eq!(
+            compose(&claim(""), &sender(), 1 << 20).unwrap_err().code(),
+            "invalid_row"
+        );
+        let mut big = claim("a@example.com");
+        big.body_text = "x".repeat(5000);
+        assert_eq!(
+            compose(&big, &sender(), 1000).unwrap_err().code(),
+            "too_large"
+        );
+        let mut late = claim("a@example.com");
+        late.send_after = Some("next tuesday".into());
+        assert_eq!(
+            compose(&late, &sender(), 1 << 20).unwrap_err().code(),
+            "invalid_row"
+        );
+    }
+}

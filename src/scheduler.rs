@@ -1,0 +1,404 @@
+//! The scheduler: due rows in, paced attempts out (Postfix's queue manager, in small).
+//!
+//! Job: look for due rows every `poll_interval`; when one is due, wait for the pace
+//! ([`rate::Pacer`]), claim it, build it (`message`), hand it to `deliver`, let `policy` judge
+//! and settle the outcome, and have `store` record it. One mail at a time per account: the
+//! provider's pace is the limit, and one connection is what providers expect.
+//!
+//! Not its job: SQL, SMTP, or failure policy; those live in `store`, `deliver` and `policy`.
+//! Retry times are stored on the row (`next_attempt_at`), never held by a sleeping task.
+//!
+//! Invariants: shutdown is checked only between mails, so a mail in flight finishes; a
+//! database error never kills the loop (it backs off and tries again) and an outcome is
+//! retried until it is written, so nothing is marked sent that was not, and a row is never left
+//! `sending` while this process lives.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::config::Config;
+use crate::deliver::Deliverer;
+use crate::error::{Error, Lang};
+use crate::message;
+use crate::policy::{self, Fate, Outcome, RowFacts, Settlement};
+use crate::rate::Pacer;
+use crate::signals::Shutdown;
+use crate::store::{parse_ts, Claim, PauseLevel, Record, Store};
+
+/// How a finished attempt ended, for the caller (`test-send` prints it).
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// `mail_queue.id`.
+    pub id: i64,
+    /// The row's status after the attempt: queued, sent or failed.
+    pub status: &'static str,
+    /// `error_code`, if any.
+    pub error_code: Option<String>,
+    /// `last_error`, if any.
+    pub text: Option<String>,
+}
+
+/// Everything one account's delivery needs, owned by the loop.
+pub struct Worker {
+    /// The settings in force.
+    cfg: Config,
+    /// The queue.
+    store: Store,
+    /// The SMTP side.
+    deliverer: Deliverer,
+    /// The pace.
+    pacer: Pacer,
+    /// The domain for new Message-IDs (the From address's).
+    msgid_domain: String,
+}
+
+/// Counts of one `run`, for `--once` and the demo.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunStats {
+    /// Attempts made.
+    pub attempts: u64,
+    /// Rows that ended `sent`.
+    pub sent: u64,
+    /// Rows that ended `failed`.
+    pub failed: u64,
+}
+
+impl Worker {
+    /// Builds a worker; the pace is rebuilt from the send times the database recorded.
+    pub async fn new(
+        cfg: Config,
+        store: Store,
+        deliverer: Deliverer,
+    ) -> Result<(Worker, Duration), Error> {
+        let mut pacer = Pacer::new(&cfg.rate);
+        let history = store.send_history(pacer.history_needed()).await?;
+        let first_wait = pacer.restore(&history, SystemTime::now());
+        let msgid_domain = cfg.sender.from.email.domain().to_string();
+        Ok((
+            Worker {
+                cfg,
+                store,
+                deliverer,
+                pacer,
+                msgid_domain,
+            },
+            first_wait,
+        ))
+    }
+
+    fn lang(&self) -> Lang {
+        self.cfg.log.error_language
+    }
+
+    /// The domain new Message-IDs are made in.
+    pub fn msgid_domain(&self) -> &str {
+        &self.msgid_domain
+    }
+
+    /// Waits until the pace allows a send (or stopping is asked for: returns false).
+    pub async fn wait_for_pace(&mut self, shutdown: &mut Shutdown) -> bool {
+        loop {
+            match self.pacer.try_acquire(SystemTime::now()) {
+                Ok(()) => return true,
+                Err(wait) => {
+                    if !shutdown.sleep(wait).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers one claimed row and records the outcome. `allow_pause` is false for
+    /// `test-send`, which must never pause the queue.
+    pub async fn attempt(&mut self, claim: Claim, allow_pause: bool) -> Finished {
+        let started = Instant::now();
+        let lang = self.lang();
+        let test_mail = claim.max_attempts == Some(1);
+        let composed = match message::compose(
+            &claim,
+            &self.cfg.sender,
+            self.cfg.queue.max_message_size,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                let rec = Record {
+                    id: claim.id,
+                    attempt_id: claim.attempt_id,
+                    outcome: Outcome::Failed,
+                    status: "failed",
+                    next_attempt_at: None,
+                    counts: true,
+                    error_code: Some(e.code().to_string()),
+                    error_text: Some(e.text(lang)),
+                    smtp_reply: None,
+                    rcpts: vec![],
+                    pause: None,
+                    resume: false,
+                };
+                tracing::warn!(mail_id = claim.id, message_id = %claim.message_id, outcome = "failed",
+                    error_code = e.code(), error = %e.text(Lang::En), "The mail cannot be built; the row is failed.");
+                return self.write(rec).await;
+            }
+        };
+        let born = [Some(&claim.created_at), claim.send_after.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| parse_ts(s))
+            .max()
+            .unwrap_or_else(SystemTime::now);
+        let settled_sent = claim.settled.iter().any(|(_, s)| s == "sent");
+        let pending: Vec<&message::Recipient> = composed
+            .recipients
+            .iter()
+            .filter(|r| {
+                !claim
+                    .settled
+                    .iter()
+                    .any(|(a, _)| a.eq_ignore_ascii_case(r.address.as_ref()))
+            })
+            .collect();
+        let kind_of = |addr: &str| {
+            composed
+                .recipients
+                .iter()
+                .find(|r| r.address.to_string().eq_ignore_ascii_case(addr))
+                .map(|r| r.kind)
+                .unwrap_or("to")
+        };
+
+        // A mail that waited past its lifetime (e.g. through a long pause) is not sent late.
+        let lifetime = self.cfg.queue.message_lifetime;
+        let expired = SystemTime::now()
+            .duration_since(born)
+            .is_ok_and(|age| age > lifetime);
+        let (verdict, report_reply) = if expired || pending.is_empty() {
+            let e = Error::Expired {
+                lifetime: humantime::format_duration(lifetime).to_string(),
+                last: None,
+            };
+            (
+                policy::Verdict {
+                    outcome: if pending.is_empty() && settled_sent {
+                        Outcome::Sent
+                    } else {
+                        Outcome::Failed
+                    },
+                    error: Some(e),
+                    rcpts: vec![],
+                },
+                None,
+            )
+        } else {
+            let addrs: Vec<lettre::Address> = pending.iter().map(|r| r.address.clone()).collect();
+            let report = self
+                .deliverer
+                .send(&self.cfg.sender.envelope_from, &addrs, &composed.bytes)
+                .await;
+            let reply = report.end.as_ref().ok().cloned();
+            (policy::judge(&report), reply)
+        };
+
+        let any_accepted =
+            settled_sent || verdict.rcpts.iter().any(|(_, f, _)| *f == Fate::Accepted);
+        let any_pending = pending.iter().any(|r| {
+            let a = r.address.to_string();
+            !verdict
+                .rcpts
+                .iter()
+                .any(|(x, f, _)| x.eq_ignore_ascii_case(&a) && *f != Fate::Pending)
+        });
+        let facts = RowFacts {
+            attempts: claim.attempts,
+            max_attempts: claim.max_attempts.unwrap_or(self.cfg.queue.max_attempts),
+            born,
+            any_accepted,
+            any_pending,
+        };
+        let settlement = policy::settle(
+            &verdict,
+            &facts,
+            SystemTime::now(),
+            &self.cfg.queue.retry_backoff,
+            lifetime,
+            test_mail || !allow_pause,
+        );
+
+        let (status, next, err, counts) = match &settlement {
+            Settlement::Sent(e) => ("sent", None, e.clone(), true),
+            Settlement::Retry(at, e) => ("queued", Some(*at), Some(e.clone()), true),
+            Settlement::Failed(e) => ("failed", None, Some(e.clone()), true),
+            Settlement::Paused(e) => ("queued", None, Some(e.clone()), false),
+        };
+        let ends = status != "queued";
+        let mut rcpts: Vec<(String, &'static str, Fate, String)> = verdict
+            .rcpts
+            .iter()
+            .map(|(a, f, r)| {
+                let fate = if ends && *f == Fate::Pending {
+                    Fate::Refused
+                } else {
+                    *f
+                };
+                (a.clone(), kind_of(a), fate, r.to_string())
+            })
+            .collect();
+        // Recipients never reached in this attempt are recorded too, so `show` lists them all.
+        for r in &pending {
+            let a = r.address.to_string();
+            if !rcpts.iter().any(|(x, ..)| x.eq_ignore_ascii_case(&a)) {
+                let fate = if ends { Fate::Refused } else { Fate::Pending };
+                let why = err.as_ref().map(|e| e.text(lang)).unwrap_or_default();
+                rcpts.push((a, r.kind, fate, why));
+            }
+        }
+        let smtp_reply = err
+            .as_ref()
+            .and_then(|e| e.reply().map(|r| r.to_string()))
+            .or_else(|| report_reply.map(|r| r.to_string()));
+        let paused = verdict.outcome == Outcome::Paused;
+        let rec = Record {
+            id: claim.id,
+            attempt_id: claim.attempt_id,
+            outcome: verdict.outcome,
+            status,
+            next_attempt_at: next,
+            counts,
+            error_code: err.as_ref().map(|e| e.code().to_string()),
+            error_text: err.as_ref().map(|e| e.text(lang)),
+            smtp_reply: smtp_reply.clone(),
+            rcpts,
+            pause: (paused && allow_pause).then(|| {
+                (
+                    Duration::ZERO,
+                    PauseLevel {
+                        steps: self.cfg.queue.retry_backoff.clone(),
+                    },
+                )
+            }),
+            // Any attempt that got past login proves the account works again.
+            resume: !paused && !expired,
+        };
+        let recipients: Vec<String> = pending.iter().map(|r| r.address.to_string()).collect();
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let code = err.as_ref().map(|e| e.code()).unwrap_or("");
+        let text_en = err.as_ref().map(|e| e.text(Lang::En)).unwrap_or_default();
+        match verdict.outcome {
+            Outcome::Sent => {
+                tracing::info!(mail_id = claim.id, message_id = %claim.message_id, recipients = %recipients.join(", "),
+                outcome = verdict.outcome.name(), status, error_code = code, smtp_reply = smtp_reply.as_deref().unwrap_or(""), duration_ms,
+                "Delivery attempt finished.")
+            }
+            _ => {
+                tracing::warn!(mail_id = claim.id, message_id = %claim.message_id, recipients = %recipients.join(", "),
+                outcome = verdict.outcome.name(), status, error_code = code, smtp_reply = smtp_reply.as_deref().unwrap_or(""), duration_ms,
+                error = %text_en, "Delivery attempt finished.")
+            }
+        }
+        if paused && allow_pause && !claim.while_paused {
+            tracing::warn!(error_code = code, error = %text_en, "The account is in trouble: the queue is paused; waiting rows keep their place.");
+        } else if !paused && claim.while_paused && !expired {
+            tracing::info!(
+                mail_id = claim.id,
+                "The account works again: the queue is resumed."
+            );
+        }
+        self.write(rec).await
+    }
+
+    /// Records an outcome, retrying until the database takes it: a mail that went out must not
+    /// be left looking unsent, nor a failure unrecorded.
+    async fn write(&self, rec: Record) -> Finished {
+        let fin = Finished {
+            id: rec.id,
+            status: rec.status,
+            error_code: rec.error_code.clone(),
+            text: rec.error_text.clone(),
+        };
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match self.store.record(rec.clone()).await {
+                Ok(()) => return fin,
+                Err(e) => {
+                    tracing::error!(mail_id = rec.id, error = %e.text(Lang::En), retry_in_ms = wait.as_millis() as u64,
+                        "Cannot record the outcome in the queue database; trying again.");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// Closes the SMTP connection (QUIT).
+    pub async fn close(&mut self) {
+        self.deliverer.close().await;
+    }
+}
+
+/// The daemon's loop. Returns when `shutdown` fires, or — with `once` — when nothing is due.
+pub async fn run(
+    cfg: Config,
+    store: Store,
+    mut shutdown: Shutdown,
+    once: bool,
+) -> Result<RunStats, Error> {
+    let deliverer = Deliverer::new(&cfg)?;
+    let poll = cfg.queue.poll_interval;
+    let (mut worker, first_wait) = Worker::new(cfg, store.clone(), deliverer).await?;
+    let mut stats = RunStats::default();
+    if !first_wait.is_zero() {
+        tracing::info!(
+            wait_ms = first_wait.as_millis() as u64,
+            "Waiting for the pace before the first send (the database records a recent send)."
+        );
+        if !shutdown.sleep(first_wait).await {
+            return Ok(stats);
+        }
+    }
+    let mut db_backoff = poll;
+    while !shutdown.is_requested() {
+        let due = match store.has_due(SystemTime::now()).await {
+            Ok(d) => {
+                db_backoff = poll;
+                d
+            }
+            Err(e) => {
+                tracing::error!(error = %e.text(Lang::En), retry_in_ms = db_backoff.as_millis() as u64, "Cannot read the queue database; trying again.");
+                shutdown.sleep(db_backoff).await;
+                db_backoff = (db_backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        if !due {
+            if once {
+                break;
+            }
+            worker.deliverer.close_if_idle().await;
+            shutdown.sleep(poll).await;
+            continue;
+        }
+        if !worker.wait_for_pace(&mut shutdown).await {
+            break;
+        }
+        let claim = match store
+            .claim(SystemTime::now(), worker.msgid_domain.clone())
+            .await
+        {
+            Ok(Some(c)) => c,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::error!(error = %e.text(Lang::En), "Cannot claim a row from the queue database; trying again.");
+                shutdown.sleep(db_backoff).await;
+                continue;
+            }
+        };
+        let fin = worker.attempt(claim, true).await;
+        stats.attempts += 1;
+        match fin.status {
+            "sent" => stats.sent += 1,
+            "failed" => stats.failed += 1,
+            _ => {}
+        }
+    }
+    worker.close().await;
+    Ok(stats)
+}

@@ -1,0 +1,1070 @@
+//! The queue table and everything else in SQLite: the only module that speaks SQL.
+//!
+//! Job: open the queue file (WAL, busy timeout), create and upgrade the schema by versioned
+//! migrations (keeping a `VACUUM INTO` copy before upgrading an existing file), claim due rows,
+//! record outcomes, and answer the CLI's questions. docs/queue-table.md documents the tables for
+//! the CRM; a test runs the SQL from that page against this schema.
+//!
+//! Not its job: deciding outcomes (`policy`) or talking to servers (`deliver`).
+//!
+//! Invariants:
+//! - no rusqlite call runs on the async runtime's threads: every async method hops to the
+//!   blocking pool ([`Store::call`]);
+//! - every write is one short `BEGIN IMMEDIATE` transaction; none is held across network I/O;
+//! - a row is claimed by flipping `queued` → `sending` inside `BEGIN IMMEDIATE`, so two processes
+//!   on one file never claim the same row;
+//! - timestamps are UTC text `YYYY-MM-DDTHH:MM:SS.sssZ` (sortable as text);
+//! - queries are bounded (LIMIT) — nothing loads every row.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
+
+use crate::error::Error;
+use crate::policy::{Fate, Outcome};
+
+/// The status words of `mail_queue.status` (a public contract with the CRM).
+pub const STATUSES: &[&str] = &["queued", "sending", "sent", "failed", "cancelled", "held"];
+
+/// How long a connection waits for another writer (the CRM) before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The schema, one migration per version. Never edit a released entry; append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the CRM's interface and the daemon's bookkeeping.
+    r#"
+CREATE TABLE mail_queue (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    to_addrs        TEXT    NOT NULL DEFAULT '',
+    cc_addrs        TEXT    NOT NULL DEFAULT '',
+    bcc_addrs       TEXT    NOT NULL DEFAULT '',
+    reply_to        TEXT    NOT NULL DEFAULT '',
+    subject         TEXT    NOT NULL DEFAULT '',
+    body_text       TEXT    NOT NULL DEFAULT '',
+    body_html       TEXT,
+    priority        INTEGER NOT NULL DEFAULT 0,
+    send_after      TEXT,
+    max_attempts    INTEGER CHECK (max_attempts IS NULL OR max_attempts >= 1),
+    status          TEXT    NOT NULL DEFAULT 'queued'
+                    CHECK (status IN ('queued','sending','sent','failed','cancelled','held')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+    created_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+    updated_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+    sent_at         TEXT,
+    message_id      TEXT,
+    last_error      TEXT,
+    error_code      TEXT,
+    smtp_reply      TEXT
+);
+CREATE INDEX mail_queue_waiting ON mail_queue (priority DESC, created_at, id) WHERE status = 'queued';
+CREATE INDEX mail_queue_status ON mail_queue (status, updated_at);
+CREATE TABLE mail_recipient (
+    id          INTEGER PRIMARY KEY,
+    mail_id     INTEGER NOT NULL REFERENCES mail_queue(id) ON DELETE CASCADE,
+    address     TEXT    NOT NULL,
+    kind        TEXT    NOT NULL CHECK (kind IN ('to','cc','bcc')),
+    status      TEXT    NOT NULL DEFAULT 'pending' CHECK (status IN ('pending','sent','failed')),
+    smtp_reply  TEXT,
+    updated_at  TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+    UNIQUE (mail_id, address)
+);
+CREATE TABLE mail_attempt (
+    id          INTEGER PRIMARY KEY,
+    mail_id     INTEGER NOT NULL REFERENCES mail_queue(id) ON DELETE CASCADE,
+    started_at  TEXT    NOT NULL,
+    finished_at TEXT,
+    outcome     TEXT    CHECK (outcome IN ('sent','retry','failed','in_doubt','paused')),
+    error_code  TEXT,
+    error_text  TEXT,
+    smtp_reply  TEXT
+);
+CREATE INDEX mail_attempt_mail ON mail_attempt (mail_id);
+CREATE INDEX mail_attempt_started ON mail_attempt (started_at);
+CREATE TABLE queue_state (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    paused       INTEGER NOT NULL DEFAULT 0,
+    paused_since TEXT,
+    paused_until TEXT,
+    pause_level  INTEGER NOT NULL DEFAULT 0,
+    error_code   TEXT,
+    error_text   TEXT,
+    updated_at   TEXT
+);
+INSERT INTO queue_state (id) VALUES (1);
+"#,
+];
+
+/// The schema version this build writes.
+pub fn schema_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Formats a time as the queue's timestamp text: `2026-12-03T09:15:00.000Z`.
+pub fn ts(t: SystemTime) -> String {
+    let dt = OffsetDateTime::from(t);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        dt.year(),
+        dt.month() as u8,
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        dt.millisecond()
+    )
+}
+
+/// Reads a timestamp the way SQLite does: `YYYY-MM-DD HH:MM[:SS[.sss]]`, with `T` or a space,
+/// `Z` or an offset (or nothing, meaning UTC). `None` if it is not one.
+pub fn parse_ts(s: &str) -> Option<SystemTime> {
+    let s = s.trim();
+    if let Ok(dt) = OffsetDateTime::parse(s, &Rfc3339) {
+        return Some(dt.into());
+    }
+    let (body, offset) = match s.strip_suffix('Z') {
+        Some(b) => (b, UtcOffset::UTC),
+        None => (s, UtcOffset::UTC),
+    };
+    let body = body.replacen(' ', "T", 1);
+    let formats: &[&[time::format_description::BorrowedFormatItem<'_>]] = &[
+        time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond]"
+        ),
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]"),
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]"),
+    ];
+    for f in formats {
+        if let Ok(p) = PrimitiveDateTime::parse(&body, f) {
+            return Some(p.assume_offset(offset).into());
+        }
+    }
+    if let Ok(d) = time::Date::parse(
+        &body,
+        time::macros::format_description!("[year]-[month]-[day]"),
+    ) {
+        return Some(d.midnight().assume_offset(offset).into());
+    }
+    None
+}
+
+/// A claimed row: everything delivery needs, read in the claim's transaction.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// `mail_queue.id`.
+    pub id: i64,
+    /// The `mail_attempt` row opened for this attempt.
+    pub attempt_id: i64,
+    /// The Message-ID, created at the first claim and reused on every retry.
+    pub message_id: String,
+    /// Attempts including this one.
+    pub attempts: u32,
+    /// The row's own `max_attempts` (NULL = the config's).
+    pub max_attempts: Option<u32>,
+    /// `to_addrs`.
+    pub to_addrs: String,
+    /// `cc_addrs`.
+    pub cc_addrs: String,
+    /// `bcc_addrs`.
+    pub bcc_addrs: String,
+    /// `reply_to`.
+    pub reply_to: String,
+    /// `subject`.
+    pub subject: String,
+    /// `body_text`.
+    pub body_text: String,
+    /// `body_html`.
+    pub body_html: Option<String>,
+    /// `created_at` as written.
+    pub created_at: String,
+    /// `send_after` as written.
+    pub send_after: Option<String>,
+    /// Recipients settled by earlier attempts: address → `sent` or `failed`.
+    pub settled: Vec<(String, String)>,
+    /// Whether the queue was paused when this row was claimed (it is a probe or a test mail).
+    pub while_paused: bool,
+}
+
+/// What the row becomes after an attempt (already decided by `policy`, texts already written).
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// `mail_queue.id`.
+    pub id: i64,
+    /// `mail_attempt.id`.
+    pub attempt_id: i64,
+    /// The attempt's outcome (`mail_attempt.outcome`).
+    pub outcome: Outcome,
+    /// The row's new status: queued, sent or failed.
+    pub status: &'static str,
+    /// When a `queued` row is due again (`None`: keep its old due time).
+    pub next_attempt_at: Option<SystemTime>,
+    /// Whether this attempt counts against `max_attempts` (account pauses do not).
+    pub counts: bool,
+    /// `error_code` (NULL on a clean send).
+    pub error_code: Option<String>,
+    /// `last_error`.
+    pub error_text: Option<String>,
+    /// `smtp_reply`: the server's reply that decided it.
+    pub smtp_reply: Option<String>,
+    /// Recipients tried: address, kind (to/cc/bcc), fate, the server's reply.
+    pub rcpts: Vec<(String, &'static str, Fate, String)>,
+    /// Pause the account until this long from now (account-level trouble).
+    pub pause: Option<(Duration, PauseLevel)>,
+    /// The attempt proved the account works: lift a pause.
+    pub resume: bool,
+}
+
+/// How the pause length is chosen: from the back-off steps by the failure count.
+#[derive(Debug, Clone)]
+pub struct PauseLevel {
+    /// `[queue] retry_backoff`, indexed by consecutive account failures.
+    pub steps: Vec<Duration>,
+}
+
+/// `queue_state`, as `status` and the CRM's settings screen show it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct QueueState {
+    /// Whether the account is paused.
+    pub paused: bool,
+    /// Since when.
+    pub paused_since: Option<String>,
+    /// Until when (the next probe).
+    pub paused_until: Option<String>,
+    /// Consecutive account failures.
+    pub pause_level: i64,
+    /// Why: the error code.
+    pub error_code: Option<String>,
+    /// Why: the text.
+    pub error_text: Option<String>,
+}
+
+/// A mail to insert (CLI `enqueue`, `test-send`, the demo).
+#[derive(Debug, Clone, Default)]
+pub struct NewMail {
+    /// `to_addrs`.
+    pub to: String,
+    /// `cc_addrs`.
+    pub cc: String,
+    /// `bcc_addrs`.
+    pub bcc: String,
+    /// `subject`.
+    pub subject: String,
+    /// `body_text`.
+    pub body_text: String,
+    /// `body_html`.
+    pub body_html: Option<String>,
+    /// `priority`.
+    pub priority: i64,
+    /// `send_after`.
+    pub send_after: Option<String>,
+    /// `max_attempts`.
+    pub max_attempts: Option<u32>,
+}
+
+/// Counts and the oldest waiting mail, for `mailqueue status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    /// Rows per status.
+    pub counts: Vec<(String, i64)>,
+    /// The oldest `queued` row's `created_at`.
+    pub oldest_waiting: Option<String>,
+    /// The pause.
+    pub state: QueueState,
+}
+
+/// A handle on the queue file. Cheap to clone; one SQLite connection behind a mutex.
+#[derive(Clone)]
+pub struct Store {
+    /// The connection. A mutex, not a pool: the daemon's writes are serial by design, and a
+    /// second connection in the same process would only contend for SQLite's write lock.
+    conn: Arc<Mutex<Connection>>,
+    /// The file, for messages.
+    path: PathBuf,
+}
+
+fn now_ts() -> String {
+    ts(SystemTime::now())
+}
+
+/// The `WHERE` clause of a due row. `?1` is now. While the account is paused (and the pause
+/// has not run out), only rows whose own `max_attempts` is 1 — a CRM's test mail — are due.
+const DUE: &str = "status = 'queued' AND next_attempt_at <= ?1
+     AND (send_after IS NULL OR coalesce(strftime('%Y-%m-%dT%H:%M:%fZ', send_after), '') <= ?1)
+     AND (max_attempts = 1 OR NOT EXISTS
+          (SELECT 1 FROM queue_state WHERE id = 1 AND paused = 1 AND paused_until > ?1))";
+
+impl Store {
+    /// Opens (creating if needed) and migrates the queue file. Blocking: call it before the
+    /// runtime's work starts or through `spawn_blocking`.
+    pub fn open(path: &Path) -> Result<Store, Error> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                return Err(Error::Database {
+                    detail: format!(
+                        "the directory {} of the queue file does not exist",
+                        dir.display()
+                    ),
+                });
+            }
+        }
+        let mut conn = Connection::open(path)
+            .map_err(|e| Error::db(format!("cannot open {}: {e}", path.display())))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::db(format!(
+                "{} cannot use WAL mode (got {mode})",
+                path.display()
+            )));
+        }
+        // NORMAL in WAL mode: a power loss may forget the last outcomes, which makes a mail
+        // sent again (a duplicate), never lost. See docs/queue-table.md.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn, path)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The queue file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the connection in tokio's blocking pool, never on a runtime thread.
+    pub async fn call<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut c)
+        })
+        .await
+        .map_err(|e| Error::db(format!("database task failed: {e}")))?
+    }
+
+    /// Puts rows left in `sending` by a crash back to `queued`, due now; their open attempt is
+    /// recorded as `in_doubt` (the mail may have gone out). Only safe when no other process is
+    /// delivering from this file (the caller holds the exclusive run lock).
+    pub async fn recover_sending(&self, text: String) -> Result<Vec<i64>, Error> {
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = now_ts();
+            let ids: Vec<i64> = {
+                let mut st = tx.prepare("SELECT id FROM mail_queue WHERE status = 'sending' ORDER BY id")?;
+                let v = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+                v
+            };
+            for id in &ids {
+                tx.execute(
+                    "UPDATE mail_attempt SET finished_at = ?2, outcome = 'in_doubt', error_code = 'in_doubt', error_text = ?3
+                     WHERE mail_id = ?1 AND finished_at IS NULL",
+                    params![id, now, text],
+                )?;
+                tx.execute(
+                    "UPDATE mail_queue SET status = 'queued', next_attempt_at = ?2, updated_at = ?2,
+                            last_error = ?3, error_code = 'in_doubt'
+                     WHERE id = ?1",
+                    params![id, now, text],
+                )?;
+            }
+            tx.commit()?;
+            Ok(ids)
+        })
+        .await
+    }
+
+    /// Whether a row is due now (a cheap read, no write lock).
+    pub async fn has_due(&self, now: SystemTime) -> Result<bool, Error> {
+        let now = ts(now);
+        self.call(move |c| {
+            let sql = format!("SELECT EXISTS (SELECT 1 FROM mail_queue WHERE {DUE})");
+            Ok(c.prepare_cached(&sql)?
+                .query_row(params![now], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    /// Claims the most urgent due row (highest priority, then oldest): `queued` → `sending`,
+    /// attempts + 1, a Message-ID if it has none, and a `mail_attempt` row opened. `None` if
+    /// nothing is due (or another process took it first).
+    pub async fn claim(
+        &self,
+        now: SystemTime,
+        msgid_domain: String,
+    ) -> Result<Option<Claim>, Error> {
+        let now = ts(now);
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let sql = format!("SELECT id FROM mail_queue WHERE {DUE} ORDER BY priority DESC, created_at, id LIMIT 1");
+            let id: Option<i64> = tx.prepare_cached(&sql)?.query_row(params![now], |r| r.get(0)).optional()?;
+            let Some(id) = id else { return Ok(None) };
+            let paused: bool = tx.query_row(
+                "SELECT paused = 1 FROM queue_state WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )?;
+            let new_id = format!("<{}@{}>", uuid::Uuid::new_v4().simple(), msgid_domain);
+            let claim = tx.prepare_cached(
+                "UPDATE mail_queue SET status = 'sending', attempts = attempts + 1, updated_at = ?2,
+                        message_id = coalesce(message_id, ?3)
+                 WHERE id = ?1 AND status = 'queued'
+                 RETURNING id, message_id, attempts, max_attempts, to_addrs, cc_addrs, bcc_addrs, reply_to,
+                           subject, body_text, body_html, created_at, send_after",
+            )?
+            .query_row(params![id, now, new_id], |r| {
+                Ok(Claim {
+                    id: r.get(0)?,
+                    attempt_id: 0,
+                    message_id: r.get(1)?,
+                    attempts: r.get(2)?,
+                    max_attempts: r.get(3)?,
+                    to_addrs: r.get(4)?,
+                    cc_addrs: r.get(5)?,
+                    bcc_addrs: r.get(6)?,
+                    reply_to: r.get(7)?,
+                    subject: r.get(8)?,
+                    body_text: r.get(9)?,
+                    body_html: r.get(10)?,
+                    created_at: r.get(11)?,
+                    send_after: r.get(12)?,
+                    settled: vec![],
+                    while_paused: paused,
+                })
+            });
+            let mut claim = match claim {
+                Ok(c) => c,
+                Err(rusqlite::Error::FromSqlConversionFailure(_, _, e)) => {
+                    // A column of the wrong type (e.g. a BLOB subject): fail the row, keep going.
+                    let text = format!("a column has a value of the wrong type ({e})");
+                    tx.execute(
+                        "UPDATE mail_queue SET status = 'failed', updated_at = ?2, error_code = 'invalid_row', last_error = ?3 WHERE id = ?1",
+                        params![id, now, text],
+                    )?;
+                    tx.commit()?;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            tx.prepare_cached("INSERT INTO mail_attempt (mail_id, started_at) VALUES (?1, ?2)")?
+                .execute(params![id, now])?;
+            claim.attempt_id = tx.last_insert_rowid();
+            claim.settled = {
+                let mut st = tx.prepare_cached(
+                    "SELECT address, status FROM mail_recipient WHERE mail_id = ?1 AND status != 'pending'",
+                )?;
+                let v = st.query_map(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+                v
+            };
+            tx.commit()?;
+            Ok(Some(claim))
+        })
+        .await
+    }
+
+    /// Inserts a test mail already claimed (`sending`, one attempt, `max_attempts` 1), so the
+    /// daemon never picks it up while `test-send` delivers it in-process.
+    pub async fn insert_claimed(
+        &self,
+        mail: NewMail,
+        msgid_domain: String,
+    ) -> Result<Claim, Error> {
+        let id = self
+            .enqueue_with(mail, "sending", Some(msgid_domain))
+            .await?;
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = now_ts();
+            tx.execute("INSERT INTO mail_attempt (mail_id, started_at) VALUES (?1, ?2)", params![id, now])?;
+            let attempt_id = tx.last_insert_rowid();
+            let claim = tx.query_row(
+                "SELECT id, message_id, attempts, max_attempts, to_addrs, cc_addrs, bcc_addrs, reply_to,
+                        subject, body_text, body_html, created_at, send_after
+                 FROM mail_queue WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok(Claim {
+                        id: r.get(0)?,
+                        attempt_id,
+                        message_id: r.get(1)?,
+                        attempts: r.get(2)?,
+                        max_attempts: r.get(3)?,
+                        to_addrs: r.get(4)?,
+                        cc_addrs: r.get(5)?,
+                        bcc_addrs: r.get(6)?,
+                        reply_to: r.get(7)?,
+                        subject: r.get(8)?,
+                        body_text: r.get(9)?,
+                        body_html: r.get(10)?,
+                        created_at: r.get(11)?,
+                        send_after: r.get(12)?,
+                        settled: vec![],
+                        while_paused: false,
+                    })
+                },
+            )?;
+            tx.commit()?;
+            Ok(claim)
+        })
+        .await
+    }
+
+    /// Writes the outcome of one attempt in one short transaction: the row, its recipients, the
+    /// attempt, and the account's pause.
+    pub async fn record(&self, rec: Record) -> Result<(), Error> {
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now_t = SystemTime::now();
+            let now = ts(now_t);
+            for (addr, kind, fate, reply) in &rec.rcpts {
+                tx.prepare_cached(
+                    "INSERT INTO mail_recipient (mail_id, address, kind, status, smtp_reply, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (mail_id, address) DO UPDATE SET
+                        status = excluded.status, smtp_reply = excluded.smtp_reply, updated_at = excluded.updated_at",
+                )?
+                .execute(params![rec.id, addr, kind, fate.name(), reply, now])?;
+            }
+            let sent_at = (rec.status == "sent").then(|| now.clone());
+            tx.prepare_cached(
+                "UPDATE mail_queue SET status = ?2, updated_at = ?3,
+                        next_attempt_at = coalesce(?4, next_attempt_at),
+                        attempts = attempts - ?5,
+                        sent_at = coalesce(?6, sent_at),
+                        error_code = ?7, last_error = ?8, smtp_reply = coalesce(?9, smtp_reply)
+                 WHERE id = ?1",
+            )?
+            .execute(params![
+                rec.id,
+                rec.status,
+                now,
+                rec.next_attempt_at.map(ts),
+                if rec.counts { 0 } else { 1 },
+                sent_at,
+                rec.error_code,
+                rec.error_text,
+                rec.smtp_reply,
+            ])?;
+            tx.prepare_cached(
+                "UPDATE mail_attempt SET finished_at = ?2, outcome = ?3, error_code = ?4, error_text = ?5, smtp_reply = ?6
+                 WHERE id = ?1",
+            )?
+            .execute(params![rec.attempt_id, now, rec.outcome.name(), rec.error_code, rec.error_text, rec.smtp_reply])?;
+            if let Some((_, level)) = &rec.pause {
+                let (was_paused, old_level): (bool, i64) =
+                    tx.query_row("SELECT paused = 1, pause_level FROM queue_state WHERE id = 1", [], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?;
+                let new_level = old_level + 1;
+                let wait = crate::policy::pause_for(&level.steps, new_level as u32);
+                tx.execute(
+                    "UPDATE queue_state SET paused = 1, paused_since = coalesce(paused_since, ?1),
+                            paused_until = ?2, pause_level = ?3, error_code = ?4, error_text = ?5, updated_at = ?1
+                     WHERE id = 1",
+                    params![now, ts(now_t + wait), new_level, rec.error_code, rec.error_text],
+                )?;
+                if !was_paused {
+                    // Every waiting row shows why it waits (bounded: one statement, once per pause).
+                    tx.execute(
+                        "UPDATE mail_queue SET last_error = ?1, error_code = ?2 WHERE status = 'queued'",
+                        params![rec.error_text, rec.error_code],
+                    )?;
+                }
+            } else if rec.resume {
+                tx.execute(
+                    "UPDATE queue_state SET paused = 0, paused_since = NULL, paused_until = NULL, pause_level = 0,
+                            error_code = NULL, error_text = NULL, updated_at = ?1
+                     WHERE id = 1 AND (paused = 1 OR pause_level > 0)",
+                    params![now],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Fails a claimed row without contacting the server (it cannot be built into a mail).
+    pub async fn fail_unsendable(
+        &self,
+        claim: &Claim,
+        code: String,
+        text: String,
+    ) -> Result<(), Error> {
+        self.record(Record {
+            id: claim.id,
+            attempt_id: claim.attempt_id,
+            outcome: Outcome::Failed,
+            status: "failed",
+            next_attempt_at: None,
+            counts: true,
+            error_code: Some(code),
+            error_text: Some(text),
+            smtp_reply: None,
+            rcpts: vec![],
+            pause: None,
+            resume: false,
+        })
+        .await
+    }
+
+    /// The newest `limit` attempt start times: the send history the pace is rebuilt from.
+    pub async fn send_history(&self, limit: usize) -> Result<Vec<SystemTime>, Error> {
+        self.call(move |c| {
+            let mut st =
+                c.prepare("SELECT started_at FROM mail_attempt ORDER BY started_at DESC LIMIT ?1")?;
+            let rows: Vec<String> = st
+                .query_map(params![limit as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            Ok(rows.iter().filter_map(|s| parse_ts(s)).collect())
+        })
+        .await
+    }
+
+    /// `queue_state`.
+    pub async fn queue_state(&self) -> Result<QueueState, Error> {
+        self.call(|c| read_state(c)).await
+    }
+
+    /// Lifts the pause by hand (`mailqueue resume`). Returns whether it was paused.
+    pub async fn resume(&self) -> Result<bool, Error> {
+        self.call(|c| {
+            let n = c.execute(
+                "UPDATE queue_state SET paused = 0, paused_since = NULL, paused_until = NULL, pause_level = 0,
+                        error_code = NULL, error_text = NULL, updated_at = ?1 WHERE id = 1 AND paused = 1",
+                params![now_ts()],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Inserts a new `queued` mail and returns its id.
+    pub async fn enqueue(&self, mail: NewMail) -> Result<i64, Error> {
+        self.enqueue_with(mail, "queued", None).await
+    }
+
+    async fn enqueue_with(
+        &self,
+        m: NewMail,
+        status: &'static str,
+        msgid_domain: Option<String>,
+    ) -> Result<i64, Error> {
+        self.call(move |c| {
+            let attempts = if status == "sending" { 1 } else { 0 };
+            let msgid = msgid_domain.map(|d| format!("<{}@{}>", uuid::Uuid::new_v4().simple(), d));
+            c.execute(
+                "INSERT INTO mail_queue (to_addrs, cc_addrs, bcc_addrs, subject, body_text, body_html, priority,
+                                         send_after, max_attempts, status, attempts, message_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    m.to,
+                    m.cc,
+                    m.bcc,
+                    m.subject,
+                    m.body_text,
+                    m.body_html,
+                    m.priority,
+                    m.send_after,
+                    m.max_attempts,
+                    status,
+                    attempts,
+                    msgid
+                ],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    /// Counts per status, the oldest waiting mail and the pause.
+    pub async fn summary(&self) -> Result<Summary, Error> {
+        self.call(|c| {
+            let mut counts = Vec::new();
+            for s in STATUSES {
+                let n: i64 = c.query_row("SELECT count(*) FROM mail_queue WHERE status = ?1", params![s], |r| r.get(0))?;
+                counts.push((s.to_string(), n));
+            }
+            let oldest_waiting = c
+                .query_row(
+                    "SELECT created_at FROM mail_queue WHERE status = 'queued' ORDER BY created_at LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(Summary { counts, oldest_waiting, state: read_state(c)? })
+        })
+        .await
+    }
+
+    /// Rows as column → value maps, newest first, optionally of one status; at most `limit`.
+    pub async fn list(
+        &self,
+        status: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, Error> {
+        self.call(move |c| {
+            let sql = "SELECT id, status, priority, attempts, to_addrs, subject, created_at, next_attempt_at,
+                              sent_at, error_code, last_error
+                       FROM mail_queue WHERE (?1 IS NULL OR status = ?1) ORDER BY id DESC LIMIT ?2";
+            rows_as_maps(c, sql, params![status, limit as i64])
+        })
+        .await
+    }
+
+    /// One row with its recipients and attempts, for `mailqueue show`.
+    pub async fn show(&self, id: i64) -> Result<serde_json::Value, Error> {
+        self.call(move |c| {
+            let row = rows_as_maps(c, "SELECT * FROM mail_queue WHERE id = ?1", params![id])?;
+            let Some(row) = row.into_iter().next() else {
+                return Err(Error::Usage { detail: format!("no mail with id {id}") });
+            };
+            let rcpts = rows_as_maps(
+                c,
+                "SELECT address, kind, status, smtp_reply, updated_at FROM mail_recipient WHERE mail_id = ?1 ORDER BY id",
+                params![id],
+            )?;
+            let attempts = rows_as_maps(
+                c,
+                "SELECT id, started_at, finished_at, outcome, error_code, error_text, smtp_reply
+                 FROM mail_attempt WHERE mail_id = ?1 ORDER BY id",
+                params![id],
+            )?;
+            Ok(serde_json::json!({ "mail": row, "recipients": rcpts, "attempts": attempts }))
+        })
+        .await
+    }
+
+    /// Puts failed (or held, cancelled) rows back in the queue, due now, with fresh attempts;
+    /// recipients refused earlier are tried again, those that accepted are not.
+    pub async fn retry(&self, id: Option<i64>) -> Result<usize, Error> {
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = now_ts();
+            let ids: Vec<i64> = match id {
+                Some(id) => {
+                    let st: Option<String> =
+                        tx.query_row("SELECT status FROM mail_queue WHERE id = ?1", params![id], |r| r.get(0)).optional()?;
+                    match st.as_deref() {
+                        None => return Err(Error::Usage { detail: format!("no mail with id {id}") }),
+                        Some("failed" | "held" | "cancelled" | "queued") => vec![id],
+                        Some(s) => {
+                            return Err(Error::Usage { detail: format!("mail {id} is {s}; only failed, held, cancelled or queued mails can be retried") })
+                        }
+                    }
+                }
+                None => {
+                    let mut st = tx.prepare("SELECT id FROM mail_queue WHERE status = 'failed'")?;
+                    let v = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+                    v
+                }
+            };
+            for id in &ids {
+                tx.execute(
+                    "UPDATE mail_queue SET status = 'queued', attempts = 0, next_attempt_at = ?2, updated_at = ?2,
+                            last_error = NULL, error_code = NULL WHERE id = ?1",
+                    params![id, now],
+                )?;
+                tx.execute(
+                    "UPDATE mail_recipient SET status = 'pending', updated_at = ?2 WHERE mail_id = ?1 AND status = 'failed'",
+                    params![id, now],
+                )?;
+            }
+            tx.commit()?;
+            Ok(ids.len())
+        })
+        .await
+    }
+
+    /// Cancels a waiting row (`queued` or `held`).
+    pub async fn cancel(&self, id: i64) -> Result<(), Error> {
+        self.call(move |c| {
+            let n = c.execute(
+                "UPDATE mail_queue SET status = 'cancelled', updated_at = ?2 WHERE id = ?1 AND status IN ('queued', 'held')",
+                params![id, now_ts()],
+            )?;
+            if n == 1 {
+                return Ok(());
+            }
+            let st: Option<String> =
+                c.query_row("SELECT status FROM mail_queue WHERE id = ?1", params![id], |r| r.get(0)).optional()?;
+            Err(Error::Usage {
+                detail: match st {
+                    None => format!("no mail with id {id}"),
+                    Some(s) => format!("mail {id} is {s}; only queued or held mails can be cancelled"),
+                },
+            })
+        })
+        .await
+    }
+
+    /// Deletes finished rows (sent, failed, cancelled) last updated before `cutoff`, with their
+    /// recipients and attempts, in batches so no transaction is long.
+    pub async fn purge(&self, cutoff: SystemTime) -> Result<usize, Error> {
+        let cutoff = ts(cutoff);
+        let mut total = 0;
+        loop {
+            let cutoff = cutoff.clone();
+            let n = self
+                .call(move |c| {
+                    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                    let ids: Vec<i64> = {
+                        let mut st = tx.prepare(
+                            "SELECT id FROM mail_queue WHERE status IN ('sent','failed','cancelled') AND updated_at < ?1 LIMIT 500",
+                        )?;
+                        let v = st.query_map(params![cutoff], |r| r.get(0))?.collect::<Result<_, _>>()?;
+                        v
+                    };
+                    for id in &ids {
+                        tx.execute("DELETE FROM mail_recipient WHERE mail_id = ?1", params![id])?;
+                        tx.execute("DELETE FROM mail_attempt WHERE mail_id = ?1", params![id])?;
+                        tx.execute("DELETE FROM mail_queue WHERE id = ?1", params![id])?;
+                    }
+                    tx.commit()?;
+                    Ok(ids.len())
+                })
+                .await?;
+            total += n;
+            if n < 500 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// An advisory lock on `<queue file>.lock`, held by every process that delivers from the file.
+///
+/// Delivering processes hold it shared. Recovering rows left `sending` is only safe when no
+/// other process is delivering (one of them may be sending that very row), so recovery first
+/// tries to take it exclusively and skips recovery if another process holds it.
+pub struct RunLock {
+    /// The open lock file; the lock lives as long as it does.
+    file: std::fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock: exclusively if no other process holds it (then recovery is safe; call
+    /// [`RunLock::downgrade`] after it), else shared (waiting while another process recovers).
+    pub fn acquire(db: &Path) -> Result<(RunLock, bool), Error> {
+        let path = PathBuf::from(format!("{}.lock", db.display()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::db(format!("cannot open the lock file {}: {e}", path.display())))?;
+        let exclusive = file.try_lock().is_ok();
+        if !exclusive {
+            file.lock_shared()
+                .map_err(|e| Error::db(format!("cannot lock {}: {e}", path.display())))?;
+        }
+        Ok((RunLock { file }, exclusive))
+    }
+
+    /// Lets other delivering processes in (after recovery).
+    pub fn downgrade(&self) -> Result<(), Error> {
+        self.file
+            .lock_shared()
+            .map_err(|e| Error::db(format!("cannot downgrade the run lock: {e}")))
+    }
+}
+
+fn read_state(c: &Connection) -> Result<QueueState, Error> {
+    Ok(c.query_row(
+        "SELECT paused, paused_since, paused_until, pause_level, error_code, error_text FROM queue_state WHERE id = 1",
+        [],
+        |r| {
+            Ok(QueueState {
+                paused: r.get::<_, i64>(0)? == 1,
+                paused_since: r.get(1)?,
+                paused_until: r.get(2)?,
+                pause_level: r.get(3)?,
+                error_code: r.get(4)?,
+                error_text: r.get(5)?,
+            })
+        },
+    )?)
+}
+
+fn rows_as_maps(
+    c: &Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, Error> {
+    use rusqlite::types::ValueRef;
+    let mut st = c.prepare(sql)?;
+    let names: Vec<String> = st.column_names().map(|s| s.to_string()).collect();
+    let mut rows = st.query(p)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let mut m = serde_json::Map::new();
+        for (i, n) in names.iter().enumerate() {
+            let v = match r.get_ref(i)? {
+                ValueRef::Null => serde_json::Value::Null,
+                ValueRef::Integer(x) => x.into(),
+                ValueRef::Real(x) => x.into(),
+                ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
+                ValueRef::Blob(b) => format!("<{} bytes>", b.len()).into(),
+            };
+            m.insert(n.clone(), v);
+        }
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// Brings the schema to [`schema_version`]. Refuses a file from a newer mailqueue; keeps a
+/// `VACUUM INTO` copy of an existing file before changing its schema.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), Error> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let latest = schema_version();
+    if current > latest {
+        return Err(Error::Database {
+            detail: format!(
+                "{} has schema version {current}, newer than this mailqueue knows ({latest}); upgrade mailqueue",
+                path.display()
+            ),
+        });
+    }
+    if current == latest {
+        return Ok(());
+    }
+    if current > 0 {
+        let stamp = ts(SystemTime::now()).replace([':', '.'], "");
+        let backup = PathBuf::from(format!("{}.v{current}-{stamp}.bak", path.display()));
+        conn.execute("VACUUM INTO ?1", params![backup.to_string_lossy()])
+            .map_err(|e| {
+                Error::db(format!(
+                    "cannot keep a copy before upgrading the schema: {e}"
+                ))
+            })?;
+        tracing::info!(backup = %backup.display(), from = current, to = latest, "Kept a copy of the queue file before upgrading its schema.");
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Another process may have migrated meanwhile.
+        let v: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if v > i as i64 {
+            continue;
+        }
+        tx.execute_batch(sql)
+            .map_err(|e| Error::db(format!("migration {} failed: {e}", i + 1)))?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_and_sort_as_text() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_000_000_123);
+        let s = ts(t);
+        assert_eq!(s.len(), 24);
+        assert!(s.ends_with('Z') && s.contains('T'));
+        assert_eq!(parse_ts(&s), Some(t));
+        assert!(ts(t) < ts(t + Duration::from_millis(1)));
+        assert!(parse_ts("2026-12-03 10:00:00").is_some());
+        assert!(parse_ts("2026-12-03T10:00").is_some());
+        assert!(parse_ts("tomorrow").is_none());
+    }
+
+    fn temp_store() -> (tempfile::TempDir, Store) {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(&d.path().join("q.db")).unwrap();
+        (d, s)
+    }
+
+    #[tokio::test]
+    async fn a_crm_row_with_three_columns_takes_every_default() {
+        let (_d, s) = temp_store();
+        s.call(|c| {
+            c.execute("INSERT INTO mail_queue (to_addrs, subject, body_text) VALUES ('a@example.com', 's', 'b')", [])?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let claim = s
+            .claim(
+                SystemTime::now() + Duration::from_secs(1),
+                "example.com".into(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(claim.attempts, 1);
+        assert!(claim.message_id.starts_with('<') && claim.message_id.ends_with("@example.com>"));
+        // Claimed once: a second claim finds nothing.
+        assert!(s
+            .claim(SystemTime::now() + Duration::from_secs(1), "x".into())
+            .await
+            .unwrap()
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_paused_queue_only_offers_test_mails() {
+        let (_d, s) = temp_store();
+        let normal = s
+            .enqueue(NewMail {
+                to: "a@x.example".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let test = s
+            .enqueue(NewMail {
+                to: "b@x.example".into(),
+                max_attempts: Some(1),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        s.call(|c| {
+            c.execute(
+                "UPDATE queue_state SET paused = 1, paused_until = '2999-01-01T00:00:00.000Z'",
+                [],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let later = SystemTime::now() + Duration::from_secs(1);
+        let c = s.claim(later, "x".into()).await.unwrap().unwrap();
+        assert_eq!(c.id, test);
+        assert!(c.while_paused);
+        assert!(s.claim(later, "x".into()).await.unwrap().is_none());
+        assert!(s.resume().await.unwrap());
+        assert_eq!(
+            s.claim(later, "x".into()).await.unwrap().unwrap().id,
+            normal
+        );
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("q.db");
+        Store::open(&p).unwrap();
+        Connection::open(&p)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        match Store::open(&p) {
+            Err(Error::Database { detail }) => assert!(detail.contains("newer"), "{detail}"),
+            other => panic!("{:?}", other.err()),
+        }
+    }
+}
