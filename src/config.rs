@@ -308,11 +308,19 @@ pub fn load(path: &Path) -> Result<Config, Error> {
 /// Parses and validates config text; `path` is used in messages only.
 pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
         let msg = e.message().trim().to_string();
-        let at = line.map(|l| format!(" line {l}")).unwrap_or_default();
+        let problem = match e.span() {
+            Some(span) => {
+                let line = text[..span.start].matches('\n').count() + 1;
+                match key_at(text, span.start) {
+                    Some(key) => format!("{key} ({} line {line}): {msg}", path.display()),
+                    None => format!("{} line {line}: {msg}", path.display()),
+                }
+            }
+            None => format!("{}: {msg}", path.display()),
+        };
         Error::Config {
-            problems: vec![format!("{}{at}: {msg}", path.display())],
+            problems: vec![problem],
         }
     })?;
     let mut v = Validator {
@@ -325,6 +333,26 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
             problems: v.problems,
         }),
     }
+}
+
+/// The dotted key (`rate.interval_ms`) of the line holding byte `pos`, for toml's errors, which
+/// give a position but not the key's name.
+fn key_at(text: &str, pos: usize) -> Option<String> {
+    let start = text[..pos].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let key = line.split('=').next()?.trim();
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    let section = text[..start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        (l.starts_with('[') && l.ends_with(']'))
+            .then(|| l.trim_matches(['[', ']']).trim().to_string())
+    });
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
 }
 
 /// Parses "100ms", "30s", "5m", "4h", "5d" (humantime's grammar).
@@ -896,7 +924,7 @@ host = "smtp.example.com"
     fn unknown_key_is_reported_with_its_line() {
         let p = problems(&format!("{MIN}colour = \"red\"\n"));
         assert_eq!(p.len(), 1);
-        assert!(p[0].contains("line 9") && p[0].contains("colour"), "{p:?}");
+        assert!(p[0].starts_with("smtp.colour (t.toml line 9)"), "{p:?}");
     }
 
     #[test]

@@ -443,8 +443,14 @@ impl Store {
             });
             let mut claim = match claim {
                 Ok(c) => c,
-                Err(rusqlite::Error::FromSqlConversionFailure(_, _, e)) => {
-                    // A column of the wrong type (e.g. a BLOB subject): fail the row, keep going.
+                Err(
+                    e @ (rusqlite::Error::FromSqlConversionFailure(..)
+                    | rusqlite::Error::InvalidColumnType(..)
+                    | rusqlite::Error::IntegralValueOutOfRange(..)
+                    | rusqlite::Error::Utf8Error(..)),
+                ) => {
+                    // A column of the wrong type (a BLOB subject, text that is not UTF-8, a
+                    // negative max_attempts): fail the row with the reason, keep going.
                     let text = format!("a column has a value of the wrong type ({e})");
                     tx.execute(
                         "UPDATE mail_queue SET status = 'failed', updated_at = ?2, error_code = 'invalid_row', last_error = ?3 WHERE id = ?1",

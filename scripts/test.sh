@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test command (README): installs the real servers the integration tests talk to, then runs
+# every test. Safe to run again; the installs are skipped when already done.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/test-setup.sh
+if [ -f scripts/dovecot-test.sh ]; then
+    bash scripts/dovecot-test.sh
+fi
+cargo test --locked --all-targets "$@"
