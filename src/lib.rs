@@ -20,6 +20,7 @@ pub mod deliver;
 pub mod error;
 pub mod message;
 pub mod policy;
+pub mod pop3;
 pub mod rate;
 pub mod scheduler;
 pub mod signals;
