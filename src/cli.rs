@@ -232,7 +232,7 @@ fn print_step() -> Box<dyn Fn(&Step) + Send + Sync> {
 async fn run(path: &Path, once: bool) -> Result<i32, Error> {
     let cfg = load(path)?;
     let store = open_store(&cfg.queue.database).await?;
-    let (lock, exclusive) = RunLock::acquire(&cfg.queue.database)?;
+    let (lock, exclusive) = take_lock(&cfg.queue.database).await?;
     recover(&store, &cfg, exclusive).await?;
     lock.downgrade()?;
     let (trigger, shutdown) = signals::shutdown_pair();
@@ -265,6 +265,14 @@ async fn run(path: &Path, once: bool) -> Result<i32, Error> {
     Ok(0)
 }
 
+/// Takes the run lock off the runtime's threads (it may wait while another process recovers).
+async fn take_lock(db: &Path) -> Result<(RunLock, bool), Error> {
+    let db = db.to_path_buf();
+    tokio::task::spawn_blocking(move || RunLock::acquire(&db))
+        .await
+        .map_err(|e| Error::db(format!("lock task failed: {e}")))?
+}
+
 async fn recover(store: &Store, cfg: &Config, exclusive: bool) -> Result<(), Error> {
     if !exclusive {
         tracing::info!("Another mailqueue process is delivering from this queue; rows in 'sending' are left to it.");
@@ -290,7 +298,7 @@ async fn test_send(
     let cfg = load(path)?;
     let lang = cfg.log.error_language;
     let store = open_store(&cfg.queue.database).await?;
-    let (lock, _) = RunLock::acquire(&cfg.queue.database)?;
+    let (lock, _) = take_lock(&cfg.queue.database).await?;
     lock.downgrade()?;
     let deliverer = Deliverer::new(&cfg)?.with_progress(print_step());
     let (mut worker, first_wait) = Worker::new(cfg, store.clone(), deliverer).await?;

@@ -239,7 +239,8 @@ impl Deliverer {
             implicit,
             None,
         );
-        let mut conn = match step(Stage::Connect, s.timeout, connect).await {
+        // TCP connect (lettre's timeout) plus TLS handshake, greeting and EHLO (ours).
+        let mut conn = match step(Stage::Connect, s.timeout * 2, connect).await {
             Ok(c) => c,
             Err(mut f) => {
                 if let Problem::Reply(_) = f.problem {

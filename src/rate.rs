@@ -145,10 +145,13 @@ impl<C: Clock + Clone> Pacer<C> {
         for (cap, span) in [(self.max_per_hour, HOUR), (self.max_per_day, DAY)] {
             let Some(cap) = cap else { continue };
             let start = now.checked_sub(span).unwrap_or(SystemTime::UNIX_EPOCH);
-            let in_window: Vec<&SystemTime> = self.recent.iter().filter(|t| **t > start).collect();
-            if in_window.len() >= cap as usize {
+            // `recent` is sorted (sends are recorded in time order): a binary search finds the
+            // window, so the cost stays O(log n) however large the cap.
+            let first = self.recent.partition_point(|t| *t <= start);
+            let in_window = self.recent.len() - first;
+            if in_window >= cap as usize {
                 // Free again when the oldest send that makes the count reach the cap leaves.
-                let oldest = *in_window[in_window.len() - cap as usize];
+                let oldest = self.recent[self.recent.len() - cap as usize];
                 let w = (oldest + span)
                     .duration_since(now)
                     .unwrap_or(Duration::ZERO)

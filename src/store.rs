@@ -931,8 +931,12 @@ fn rows_as_maps(
 /// Brings the schema to [`schema_version`]. Refuses a file from a newer mailqueue; keeps a
 /// `VACUUM INTO` copy of an existing file before changing its schema.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), Error> {
+    migrate_with(conn, path, MIGRATIONS)
+}
+
+fn migrate_with(conn: &mut Connection, path: &Path, migrations: &[&str]) -> Result<(), Error> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let latest = schema_version();
+    let latest = migrations.len() as i64;
     if current > latest {
         return Err(Error::Database {
             detail: format!(
@@ -955,7 +959,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), Error> {
             })?;
         tracing::info!(backup = %backup.display(), from = current, to = latest, "Kept a copy of the queue file before upgrading its schema.");
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    for (i, sql) in migrations.iter().enumerate().skip(current as usize) {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // Another process may have migrated meanwhile.
         let v: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -1057,6 +1061,48 @@ mod tests {
             s.claim(later, "x".into()).await.unwrap().unwrap().id,
             normal
         );
+    }
+
+    #[test]
+    fn an_upgrade_keeps_a_copy_of_the_old_file_first() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("q.db");
+        let mut c = Connection::open(&p).unwrap();
+        let v1 = "CREATE TABLE t (a INTEGER); INSERT INTO t VALUES (7);";
+        let v2 = "ALTER TABLE t ADD COLUMN b TEXT;";
+        migrate_with(&mut c, &p, &[v1]).unwrap();
+        migrate_with(&mut c, &p, &[v1, v2]).unwrap();
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 2);
+        let backups: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("q.db.v1-") && n.ends_with(".bak"))
+            .collect();
+        assert_eq!(backups.len(), 1, "{backups:?}");
+        let old = Connection::open(d.path().join(&backups[0])).unwrap();
+        let (a, ver): (i64, i64) = old
+            .query_row(
+                "SELECT a, (SELECT user_version FROM pragma_user_version) FROM t",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (a, ver),
+            (7, 1),
+            "the copy is the file as it was before the upgrade"
+        );
+        // A fresh file is created without a copy.
+        let fresh = d.path().join("fresh.db");
+        migrate_with(&mut Connection::open(&fresh).unwrap(), &fresh, &[v1, v2]).unwrap();
+        assert!(!std::fs::read_dir(d.path()).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("fresh.db.v")));
     }
 
     #[tokio::test]

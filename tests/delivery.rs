@@ -237,20 +237,57 @@ fn pacing_holds_between_mails_and_across_a_restart() {
 }
 
 #[test]
-fn one_connection_serves_many_mails() {
+fn one_connection_serves_many_mails_and_each_attempt_is_one_json_log_line() {
     let server = SmtpServer::start(NO_ARGS);
-    let s = Setup::new(server.port, |t| t);
+    let s = Setup::new(server.port, |t| {
+        t.replace("[log]\n", "[log]\nformat = \"json\"\n")
+    });
     let db = s.db();
     for i in 0..10 {
         db.insert("a@example.com", &format!("m{i}"), "x");
     }
-    s.once();
+    let out = s.once();
     server.wait_for_messages(10, LONG);
     assert_eq!(
         server.connections(),
         1,
         "ten mails should share one connection"
     );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .filter(|v: &serde_json::Value| v["message"] == "Delivery attempt finished.")
+        .collect();
+    assert_eq!(lines.len(), 10);
+    for l in &lines {
+        for field in [
+            "mail_id",
+            "message_id",
+            "recipients",
+            "outcome",
+            "smtp_reply",
+            "duration_ms",
+        ] {
+            assert!(!l[field].is_null(), "{field} missing in {l}");
+        }
+        assert_eq!(l["outcome"], "sent");
+    }
+}
+
+#[test]
+fn an_idle_connection_is_closed_with_quit() {
+    let sink = SmtpSink::start(NO_ARGS);
+    let s = Setup::new(sink.port, add_smtp("idle_timeout = \"300ms\""));
+    s.db().insert("a@example.com", "idle", "x");
+    let mut daemon = Daemon::spawn(&s.config, &["run"]);
+    // The session ends while the daemon keeps running: only the idle timer can have closed it.
+    let c = sink.wait_for_sessions(1, LONG);
+    assert_eq!((c.messages, c.quits), (1, 1), "{c:?}");
+    assert!(
+        daemon.wait_timeout(Duration::from_millis(1)).is_none(),
+        "the daemon is still running"
+    );
+    daemon.terminate(LONG);
 }
 
 #[test]
@@ -297,6 +334,17 @@ fn a_wrong_password_pauses_the_queue_and_a_test_mail_is_tried_at_once() {
         "{status}"
     );
     assert_eq!(server.messages().len(), 0);
+    // The password appears in no output and nowhere in the queue file.
+    let wal = PathBuf::from(format!("{}-wal", s.db_path.display()));
+    for f in [s.db_path.clone(), wal].iter().filter(|f| f.exists()) {
+        let bytes = std::fs::read(f).unwrap();
+        assert!(
+            !bytes.windows(14).any(|w| w == b"wrong-password"),
+            "password in {}",
+            f.display()
+        );
+    }
+    assert!(!status.contains("wrong-password"));
 
     // The admin fixes the password and sends a test mail: it goes through while the queue is
     // paused, resumes it, and the waiting rows follow in the same run.
