@@ -57,6 +57,7 @@ fn judge(c: &mut Criterion) {
             ),
         ],
         end: Ok(Reply::new(250, "2.0.0 Ok: queued as 4Q1")),
+        relay_gated: false,
     };
     c.bench_function("judge a two-recipient report", |b| {
         b.iter(|| policy::judge(&report))

@@ -64,8 +64,8 @@ struct RawConfig {
     /// Logs and the language of error texts.
     #[serde(default)]
     log: RawLog,
-    /// POP-before-SMTP (reserved: see `[pop_before_smtp]` in docs).
-    pop_before_smtp: Option<toml::Table>,
+    /// POP-before-SMTP: log in to POP3 first, so the provider relays for this host a while.
+    pop_before_smtp: Option<RawPop>,
 }
 
 #[derive(Deserialize)]
@@ -131,6 +131,34 @@ struct RawSmtp {
     idle_timeout: Option<String>,
     /// Open a new connection after this many mails on one. Default 100.
     max_messages_per_connection: Option<u32>,
+    /// The local address to connect from (SMTP and POP), for hosts with several addresses:
+    /// POP-before-SMTP opens the relay for the address the POP login came from.
+    source_address: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPop {
+    /// Turn POP-before-SMTP on (POP before SMTP). Default false.
+    enabled: Option<bool>,
+    /// POP server (POPホスト).
+    host: Option<String>,
+    /// POP port (POPポート). Default 110, or 995 with tls = "tls".
+    port: Option<u16>,
+    /// "none", "starttls" (STLS, required) or "tls" (POP3S). Default "starttls".
+    tls: Option<String>,
+    /// POP user (POPユーザー).
+    user: Option<String>,
+    /// POP password (POPパスワード). Prefer `password_file`.
+    password: Option<String>,
+    /// A file whose first line is the POP password.
+    password_file: Option<PathBuf>,
+    /// Log in with APOP; fails closed when the greeting offers no timestamp. Default false.
+    apop: Option<bool>,
+    /// How long one login opens the relay. Default "5m" (providers commonly grant 10 minutes).
+    valid_for: Option<String>,
+    /// Timeout for connecting and each POP command. Default "30s".
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -176,6 +204,29 @@ pub struct Config {
     pub rate: RateConfig,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[pop_before_smtp]`, when enabled.
+    pub pop: Option<PopConfig>,
+}
+
+/// `[pop_before_smtp]`, enabled.
+#[derive(Debug, Clone)]
+pub struct PopConfig {
+    /// POP server.
+    pub host: String,
+    /// POP port.
+    pub port: u16,
+    /// TLS mode (the same words as `[smtp] tls`).
+    pub tls: TlsMode,
+    /// POP user.
+    pub user: String,
+    /// POP password.
+    pub password: Secret,
+    /// APOP instead of USER/PASS.
+    pub apop: bool,
+    /// How long one login opens the relay.
+    pub valid_for: Duration,
+    /// Per-step timeout.
+    pub timeout: Duration,
 }
 
 /// `[queue]`: the table and the retry policy.
@@ -262,6 +313,8 @@ pub struct SmtpConfig {
     pub idle_timeout: Duration,
     /// Mails per connection before it is renewed.
     pub max_messages_per_connection: u32,
+    /// Local address to connect from (SMTP and POP).
+    pub source_address: Option<IpAddr>,
 }
 
 /// `[rate]`.
@@ -474,23 +527,15 @@ impl Validator {
     }
 
     fn config(&mut self, raw: RawConfig, path: &Path) -> Option<Config> {
-        if let Some(pop) = &raw.pop_before_smtp {
-            if pop
-                .get("enabled")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false)
-            {
-                self.bad(
-                    "pop_before_smtp.enabled",
-                    "POP-before-SMTP is not available in this version yet",
-                );
-            }
-        }
         let queue = self.queue(raw.queue);
         let sender = self.sender(raw.sender);
         let smtp = self.smtp(raw.smtp);
         let rate = self.rate(raw.rate);
         let log = self.log(raw.log);
+        let pop = match raw.pop_before_smtp {
+            Some(p) if p.enabled.unwrap_or(false) => Some(self.pop(p)?),
+            _ => None,
+        };
         Some(Config {
             path: path.to_path_buf(),
             queue,
@@ -498,6 +543,95 @@ impl Validator {
             smtp: smtp?,
             rate,
             log,
+            pop,
+        })
+    }
+
+    /// A password given inline or as the first line of a file, under `section.password`.
+    fn secret(
+        &mut self,
+        section: &str,
+        inline: Option<String>,
+        file: Option<&PathBuf>,
+        why: &str,
+    ) -> Option<Secret> {
+        match (inline, file) {
+            (Some(_), Some(_)) => {
+                self.bad(
+                    &format!("{section}.password"),
+                    "give either password or password_file, not both",
+                );
+                None
+            }
+            (Some(p), None) => Some(Secret::new(p)),
+            (None, Some(f)) => match std::fs::read_to_string(f) {
+                Ok(t) => Some(Secret::new(t.lines().next().unwrap_or("").to_string())),
+                Err(e) => {
+                    self.bad(
+                        &format!("{section}.password_file"),
+                        format!("cannot read {}: {e}", f.display()),
+                    );
+                    None
+                }
+            },
+            (None, None) => {
+                self.bad(
+                    &format!("{section}.password"),
+                    format!("is required {why} (or set password_file)"),
+                );
+                None
+            }
+        }
+    }
+
+    fn pop(&mut self, p: RawPop) -> Option<PopConfig> {
+        let tls = self.word(
+            "pop_before_smtp.tls",
+            p.tls,
+            TlsMode::StartTls,
+            &[
+                ("none", TlsMode::None),
+                ("starttls", TlsMode::StartTls),
+                ("tls", TlsMode::Tls),
+            ],
+        );
+        let host = p.host.unwrap_or_default().trim().to_string();
+        if host.is_empty() {
+            self.bad("pop_before_smtp.host", "is required with enabled = true");
+        }
+        let port = p
+            .port
+            .unwrap_or(if tls == TlsMode::Tls { 995 } else { 110 });
+        if port == 0 {
+            self.bad("pop_before_smtp.port", "must be between 1 and 65535");
+        }
+        let user = p.user.unwrap_or_default();
+        if user.is_empty() || user.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            self.bad(
+                "pop_before_smtp.user",
+                "is required with enabled = true and must not contain spaces or line breaks",
+            );
+        }
+        let password = self.secret(
+            "pop_before_smtp",
+            p.password,
+            p.password_file.as_ref(),
+            "with enabled = true",
+        );
+        let valid_for = self.duration("pop_before_smtp.valid_for", p.valid_for, "5m");
+        if valid_for.is_zero() {
+            self.bad("pop_before_smtp.valid_for", "must be larger than 0");
+        }
+        let timeout = self.duration("pop_before_smtp.timeout", p.timeout, "30s");
+        Some(PopConfig {
+            host,
+            port,
+            tls,
+            user,
+            password: password?,
+            apop: p.apop.unwrap_or(false),
+            valid_for,
+            timeout,
         })
     }
 
@@ -646,33 +780,12 @@ impl Validator {
             if user.is_empty() {
                 self.bad("smtp.user", "is required with auth = true");
             }
-            let password = match (s.password, &s.password_file) {
-                (Some(_), Some(_)) => {
-                    self.bad(
-                        "smtp.password",
-                        "give either password or password_file, not both",
-                    );
-                    None
-                }
-                (Some(p), None) => Some(Secret::new(p)),
-                (None, Some(f)) => match std::fs::read_to_string(f) {
-                    Ok(t) => Some(Secret::new(t.lines().next().unwrap_or("").to_string())),
-                    Err(e) => {
-                        self.bad(
-                            "smtp.password_file",
-                            format!("cannot read {}: {e}", f.display()),
-                        );
-                        None
-                    }
-                },
-                (None, None) => {
-                    self.bad(
-                        "smtp.password",
-                        "is required with auth = true (or set password_file)",
-                    );
-                    None
-                }
-            };
+            let password = self.secret(
+                "smtp",
+                s.password,
+                s.password_file.as_ref(),
+                "with auth = true",
+            );
             if tls == TlsMode::None
                 && transport == TransportKind::Smtp
                 && !is_loopback_host(&host)
@@ -703,6 +816,16 @@ impl Validator {
                 self.bad(k, "must be larger than 0");
             }
         }
+        let source_address =
+            s.source_address
+                .as_deref()
+                .and_then(|a| match a.trim().parse::<IpAddr>() {
+                    Ok(ip) => Some(ip),
+                    Err(_) => {
+                        self.bad("smtp.source_address", format!("{a:?} is not an IP address"));
+                        None
+                    }
+                });
         let max_messages_per_connection = s.max_messages_per_connection.unwrap_or(100);
         if max_messages_per_connection == 0 {
             self.bad("smtp.max_messages_per_connection", "must be at least 1");
@@ -722,6 +845,7 @@ impl Validator {
             ca_file: s.ca_file,
             idle_timeout,
             max_messages_per_connection,
+            source_address,
         })
     }
 
@@ -843,6 +967,9 @@ impl Config {
                     "max_messages_per_connection = {}\n",
                     s.max_messages_per_connection
                 );
+                if let Some(a) = s.source_address {
+                    out += &format!("source_address = \"{a}\"\n");
+                }
             }
         }
         out += "\n[rate]\n";
@@ -856,6 +983,22 @@ impl Config {
         }
         if let Some(h) = r.max_per_day {
             out += &format!("max_per_day = {h}\n");
+        }
+        if let Some(p) = &self.pop {
+            out += "\n[pop_before_smtp]\nenabled = true\n";
+            out += &format!(
+                "host = {:?}\nport = {}\ntls = {:?}\nuser = {:?}\npassword = \"********\"\n",
+                p.host,
+                p.port,
+                p.tls.name(),
+                p.user
+            );
+            out += &format!(
+                "apop = {}\nvalid_for = {:?}\ntimeout = {:?}\n",
+                p.apop,
+                d(&p.valid_for),
+                d(&p.timeout)
+            );
         }
         out += "\n[log]\n";
         let fmt = if self.log.format == LogFormat::Json {
@@ -995,6 +1138,34 @@ error_language = "fr"
         assert_eq!(
             c.smtp.credentials.as_ref().unwrap().1.reveal(),
             "hunter2-secret"
+        );
+    }
+
+    #[test]
+    fn pop_before_smtp_defaults_and_errors() {
+        let on = format!("{MIN}\n[pop_before_smtp]\nenabled = true\nhost = \"pop.example.com\"\nuser = \"u\"\npassword = \"p\"\n");
+        let c = parse(&on, Path::new("t.toml")).unwrap();
+        let p = c.pop.unwrap();
+        assert_eq!(
+            (p.port, p.tls, p.valid_for, p.apop),
+            (110, TlsMode::StartTls, Duration::from_secs(300), false)
+        );
+        let c = parse(&format!("{on}tls = \"tls\"\n"), Path::new("t.toml")).unwrap();
+        assert_eq!(c.pop.unwrap().port, 995);
+        let off = format!("{MIN}\n[pop_before_smtp]\nenabled = false\n");
+        assert!(parse(&off, Path::new("t.toml")).unwrap().pop.is_none());
+        let bad = format!("{MIN}\n[pop_before_smtp]\nenabled = true\nvalid_for = \"soon\"\n");
+        let p = problems(&bad).join("\n");
+        for key in [
+            "pop_before_smtp.host",
+            "pop_before_smtp.user",
+            "pop_before_smtp.password",
+            "pop_before_smtp.valid_for",
+        ] {
+            assert!(p.contains(key), "{key} missing: {p}");
+        }
+        assert!(
+            !format!("{:?}", parse(&on, Path::new("t.toml")).unwrap()).contains("password: \"p\"")
         );
     }
 

@@ -68,6 +68,9 @@ pub struct Deliverer {
     session: Option<Session>,
     /// Where `test-send` wants to see each step.
     progress: Option<Progress>,
+    /// When the last successful POP-before-SMTP login started (the relay window opens with
+    /// it); `None` before the first one.
+    pop_login: Option<Instant>,
 }
 
 /// Joins an error with its sources into one line (lettre puts the server text in the source).
@@ -184,6 +187,7 @@ impl Deliverer {
             tls,
             session: None,
             progress: None,
+            pop_login: None,
         })
     }
 
@@ -207,6 +211,7 @@ impl Deliverer {
         let v = crate::policy::judge(&Report {
             rcpts: vec![],
             end: Err(f.clone()),
+            relay_gated: false,
         });
         v.error
             .map(|e| e.text(self.cfg.log.error_language))
@@ -237,7 +242,7 @@ impl Deliverer {
             Some(s.timeout),
             &self.client_id,
             implicit,
-            None,
+            s.source_address,
         );
         // TCP connect (lettre's timeout) plus TLS handshake, greeting and EHLO (ours).
         let mut conn = match step(Stage::Connect, s.timeout * 2, connect).await {
@@ -307,8 +312,16 @@ impl Deliverer {
         if self.cfg.smtp.transport == TransportKind::File {
             return self.send_file(from, rcpts, bytes).await;
         }
+        let gated = self.cfg.pop.is_some();
+        if let Err(f) = self.ensure_pop(false).await {
+            return Report {
+                rcpts: vec![],
+                end: Err(f),
+                relay_gated: gated,
+            };
+        }
         let reused = self.session.is_some();
-        let report = self.try_send(from, rcpts, bytes).await;
+        let mut report = self.try_send(from, rcpts, bytes).await;
         // A kept connection may have been closed by the server while idle: if the very first
         // command found it gone, nothing was sent; try once on a fresh connection.
         let stale = matches!(
@@ -323,9 +336,83 @@ impl Deliverer {
                 "The kept SMTP connection was closed by the server; opening a new one."
             );
             self.session = None;
-            return self.try_send(from, rcpts, bytes).await;
+            report = self.try_send(from, rcpts, bytes).await;
         }
+        // With POP-before-SMTP, "relay access denied" most likely means the provider's window
+        // closed earlier than `valid_for` said: log in again and try once more. Only when no
+        // recipient accepted the mail, so nobody gets it twice.
+        let denied = matches!(
+            report.end,
+            Err(Failure {
+                problem: Problem::NoRecipientAccepted,
+                ..
+            })
+        ) && report
+            .rcpts
+            .iter()
+            .any(|(_, r)| crate::policy::is_relay_denied(r));
+        if gated && denied {
+            tracing::info!("Relaying was refused: logging in to POP3 again and retrying once.");
+            if let Err(f) = self.ensure_pop(true).await {
+                return Report {
+                    rcpts: vec![],
+                    end: Err(f),
+                    relay_gated: gated,
+                };
+            }
+            report = self.try_send(from, rcpts, bytes).await;
+        }
+        report.relay_gated = gated;
         report
+    }
+
+    /// Logs in to POP3 when POP-before-SMTP is on and the last login is older than
+    /// `valid_for` (or `force`). Always ends with QUIT, so the maildrop lock is released.
+    async fn ensure_pop(&mut self, force: bool) -> Result<(), Failure> {
+        let Some(p) = &self.cfg.pop else {
+            return Ok(());
+        };
+        if !force && self.pop_login.is_some_and(|t| t.elapsed() < p.valid_for) {
+            return Ok(());
+        }
+        let settings = crate::pop3::PopSettings {
+            host: p.host.clone(),
+            port: p.port,
+            tls: match p.tls {
+                TlsMode::None => crate::pop3::PopTls::None,
+                TlsMode::StartTls => crate::pop3::PopTls::StartTls,
+                TlsMode::Tls => crate::pop3::PopTls::Tls,
+            },
+            user: p.user.clone(),
+            password: p.password.reveal().to_string(),
+            apop: p.apop,
+            timeout: p.timeout,
+            ca_file: self.cfg.smtp.ca_file.clone(),
+            source_address: self.cfg.smtp.source_address,
+        };
+        let started = Instant::now();
+        let progress = |what: &str, r: Result<&str, &str>| {
+            self.report_step(
+                format!("POP {what}"),
+                r.map(str::to_string).map_err(str::to_string),
+            );
+        };
+        match crate::pop3::login_with_progress(&settings, &progress).await {
+            Ok(session) => {
+                tracing::info!(server = %session.server, method = session.method, tls = session.tls,
+                    "Logged in to POP3 before SMTP.");
+                self.pop_login = Some(started);
+                Ok(())
+            }
+            Err(e) => {
+                self.pop_login = None;
+                tracing::warn!(error_code = e.code(), error = %e.text(false), "The POP-before-SMTP login failed.");
+                Err(Failure {
+                    stage: Stage::Pop,
+                    problem: Problem::Pop(e),
+                })
+            }
+        }
     }
 
     async fn try_send(&mut self, from: &Address, rcpts: &[Address], bytes: &[u8]) -> Report {
@@ -338,6 +425,7 @@ impl Deliverer {
                     return Report {
                         rcpts: vec![],
                         end: Err(f),
+                        relay_gated: false,
                     }
                 }
             },
@@ -360,6 +448,7 @@ impl Deliverer {
                             "an address is not ASCII and the server does not offer SMTPUTF8".into(),
                         ),
                     }),
+                    relay_gated: false,
                 };
             }
             params.push(MailParameter::SmtpUtfEight);
@@ -367,6 +456,7 @@ impl Deliverer {
         let mut out = Report {
             rcpts: vec![],
             end: Ok(Reply::new(250, "")),
+            relay_gated: false,
         };
         let r = step(
             Stage::MailFrom,
@@ -517,6 +607,7 @@ impl Deliverer {
             return Ok(());
         }
         self.close().await;
+        self.ensure_pop(true).await?;
         let s = self.open().await?;
         self.quit(s).await;
         self.report_step("QUIT", Ok("closed".into()));
@@ -540,6 +631,7 @@ impl Deliverer {
                 stage: Stage::Data,
                 problem: Problem::Io(detail),
             }),
+            relay_gated: false,
         };
         if let Err(e) = tokio::fs::create_dir_all(&dir).await {
             return fail(format!("cannot create {}: {e}", dir.display()));
@@ -556,6 +648,7 @@ impl Deliverer {
                 Report {
                     rcpts: rcpts.iter().map(|r| (r.to_string(), ok.clone())).collect(),
                     end: Ok(ok),
+                    relay_gated: false,
                 }
             }
             Err(e) => fail(format!(

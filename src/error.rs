@@ -95,6 +95,8 @@ fn is_enhanced_code(s: &str) -> bool {
 /// The step of an SMTP session where something happened. Shown in texts and used by `policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stage {
+    /// The POP3 login of POP-before-SMTP.
+    Pop,
     /// TCP connect (and, for implicit TLS, the handshake and the greeting).
     Connect,
     /// The server's 220 greeting.
@@ -119,6 +121,7 @@ impl Stage {
     /// A stable lower-case name, used in logs and in `mail_attempt`.
     pub fn name(self) -> &'static str {
         match self {
+            Stage::Pop => "pop_login",
             Stage::Connect => "connect",
             Stage::Greeting => "greeting",
             Stage::Ehlo => "ehlo",
@@ -133,6 +136,8 @@ impl Stage {
 
     fn describe(self, lang: Lang) -> &'static str {
         match (self, lang) {
+            (Stage::Pop, Lang::En) => "at the POP login",
+            (Stage::Pop, Lang::Ja) => "POPログイン",
             (Stage::Connect, Lang::En) => "connecting",
             (Stage::Connect, Lang::Ja) => "接続中",
             (Stage::Greeting, Lang::En) => "waiting for the greeting",
@@ -186,6 +191,13 @@ pub enum Error {
     /// The provider's sending limit (quota or rate) was reached.
     #[error("sending_limit")]
     SendingLimit { stage: Stage, reply: Reply },
+    /// The POP-before-SMTP login failed (connection, TLS, login, timeout): the POP module's
+    /// error, with its own stable `pop_*` code.
+    #[error("pop")]
+    Pop { error: crate::pop3::PopError },
+    /// With POP-before-SMTP, relaying was refused even right after a fresh POP login.
+    #[error("relay_denied")]
+    RelayDenied { reply: Reply },
     /// The configured sender address was refused at MAIL FROM.
     #[error("sender_refused")]
     SenderRefused { reply: Reply },
@@ -265,6 +277,8 @@ impl Error {
             Error::AuthFailed { .. } => "auth_failed",
             Error::ServerUnavailable { .. } => "server_unavailable",
             Error::SendingLimit { .. } => "sending_limit",
+            Error::Pop { error } => error.code(),
+            Error::RelayDenied { .. } => "relay_denied",
             Error::SenderRefused { .. } => "sender_refused",
             Error::RecipientRefused { .. } => "recipient_refused",
             Error::RecipientDeferred { .. } => "recipient_deferred",
@@ -292,6 +306,7 @@ impl Error {
             Error::ServerUnavailable { reply, .. }
             | Error::SendingLimit { reply, .. }
             | Error::SenderRefused { reply }
+            | Error::RelayDenied { reply }
             | Error::MessageRefused { reply, .. }
             | Error::MessageDeferred { reply, .. } => Some(reply),
             Error::RecipientRefused { refused } | Error::PartlyRefused { refused } => {
@@ -400,6 +415,14 @@ impl Error {
                     format!("送信数の上限に達したため、送信を一時停止しています ({reply})")
                 } else {
                     format!("The provider's sending limit was reached; sending is paused ({reply})")
+                }
+            }
+            Error::Pop { error } => error.text(ja),
+            Error::RelayDenied { reply } => {
+                if ja {
+                    format!("POPログイン直後でも中継が拒否されました。POP before SMTPの設定を確認してください ({reply})")
+                } else {
+                    format!("Relaying was refused even right after a POP login; check the POP-before-SMTP settings ({reply})")
                 }
             }
             Error::SenderRefused { reply } => {

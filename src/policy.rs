@@ -39,6 +39,8 @@ pub enum Problem {
     NoRecipientAccepted,
     /// Anything else the client could not go on with (unparsable reply, SMTPUTF8 missing).
     Client(String),
+    /// The POP-before-SMTP login failed.
+    Pop(crate::pop3::PopError),
 }
 
 /// The failure that ended a delivery attempt early, and where.
@@ -57,6 +59,9 @@ pub struct Report {
     pub rcpts: Vec<(String, Reply)>,
     /// The reply to the final "." (the message was accepted), or why the attempt stopped.
     pub end: Result<Reply, Failure>,
+    /// The account relays only after a POP login (POP-before-SMTP is on), and `deliver` has
+    /// already logged in again and retried once: a "relay access denied" is the account's.
+    pub relay_gated: bool,
 }
 
 /// What happened to the mail as a whole in this attempt.
@@ -146,6 +151,12 @@ pub fn is_sending_limit(r: &Reply) -> bool {
         || LIMIT_TEXTS.iter().any(|p| t.contains(p))
 }
 
+/// Whether an RCPT reply is a "relay access denied" (554/550 5.7.1, or the words).
+pub fn is_relay_denied(r: &Reply) -> bool {
+    r.class() == 5
+        && (r.enhanced_starts_with("5.7.1") || r.text.to_ascii_lowercase().contains("relay"))
+}
+
 /// How one negative reply at a stage is to be treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Class {
@@ -187,7 +198,7 @@ fn classify_reply(stage: Stage, r: &Reply) -> (Class, Error) {
     }
     let transient = r.class() == 4;
     match stage {
-        Stage::Connect | Stage::Greeting | Stage::Ehlo => (
+        Stage::Pop | Stage::Connect | Stage::Greeting | Stage::Ehlo => (
             Account,
             Error::ServerUnavailable {
                 stage,
@@ -291,10 +302,11 @@ fn classify_failure(f: &Failure) -> (Class, Error) {
     let stage = f.stage;
     let before_transaction = matches!(
         stage,
-        Stage::Connect | Stage::Greeting | Stage::Ehlo | Stage::StartTls | Stage::Auth
+        Stage::Pop | Stage::Connect | Stage::Greeting | Stage::Ehlo | Stage::StartTls | Stage::Auth
     );
     match &f.problem {
         Problem::Reply(r) => classify_reply(stage, r),
+        Problem::Pop(e) => (Class::Account, Error::Pop { error: e.clone() }),
         Problem::Connect(detail) => (
             Class::Account,
             Error::ConnectFailed {
@@ -378,6 +390,12 @@ pub fn judge(report: &Report) -> Verdict {
             } else {
                 Fate::Pending
             }
+        } else if report.relay_gated && is_relay_denied(reply) {
+            account.get_or_insert(Error::RelayDenied {
+                reply: reply.clone(),
+            });
+            deferred.push((addr.clone(), reply.clone()));
+            Fate::Pending
         } else {
             match classify_reply(Stage::RcptTo, reply) {
                 (Class::Account, e) => {
@@ -587,6 +605,7 @@ mod tests {
         Report {
             rcpts: vec![],
             end: Err(Failure { stage, problem: p }),
+            relay_gated: false,
         }
     }
 
@@ -759,6 +778,7 @@ mod tests {
                 ("c@x".into(), r(250, "ok")),
             ],
             end: Ok(r(250, "queued")),
+            relay_gated: false,
         });
         assert_eq!(v.outcome, Outcome::Sent);
         assert_eq!(v.error.as_ref().unwrap().code(), "partly_refused");
@@ -779,6 +799,7 @@ mod tests {
                 ("b@x".into(), r(451, "4.7.1 Greylisted")),
             ],
             end: Ok(r(250, "queued")),
+            relay_gated: false,
         });
         assert_eq!(v.outcome, Outcome::Retry);
         assert_eq!(v.rcpts[0].1, Fate::Accepted);
@@ -793,6 +814,7 @@ mod tests {
                 stage: Stage::RcptTo,
                 problem: Problem::NoRecipientAccepted,
             }),
+            relay_gated: false,
         });
         assert_eq!(
             (all.outcome, all.error.unwrap().code()),
@@ -807,6 +829,7 @@ mod tests {
                 stage: Stage::RcptTo,
                 problem: Problem::NoRecipientAccepted,
             }),
+            relay_gated: false,
         });
         assert_eq!(
             (quota.outcome, quota.error.unwrap().code()),
@@ -822,6 +845,7 @@ mod tests {
                 stage: Stage::DataEnd,
                 problem: Problem::Reply(r(451, "4.3.0 later")),
             }),
+            relay_gated: false,
         });
         assert_eq!(v.outcome, Outcome::Retry);
         assert_eq!(v.rcpts[0].1, Fate::Pending);
