@@ -132,6 +132,7 @@ fn claim_and_record(c: &mut Criterion) {
                         )],
                         pause: None,
                         resume: true,
+                        started_at: None,
                     })
                     .await
                     .unwrap();

@@ -310,7 +310,6 @@ async fn test_send(
         );
         never.sleep(first_wait).await;
     }
-    worker.wait_for_pace(&mut never).await;
     let (def_subject, def_body) = match lang {
         Lang::Ja => ("テストメール", "メール送信のテスト"),
         Lang::En => (
@@ -328,7 +327,10 @@ async fn test_send(
     let claim = store
         .insert_claimed(mail, worker.msgid_domain().to_string())
         .await?;
-    let fin = worker.attempt(claim, false).await;
+    let fin = worker
+        .attempt(claim, false, &mut never)
+        .await
+        .expect("a shutdown that never fires cannot interrupt the pace wait");
     worker.close().await;
     if fin.status == "sent" {
         if let Some(t) = &fin.text {

@@ -71,6 +71,9 @@ pub struct Deliverer {
     /// When the last successful POP-before-SMTP login started (the relay window opens with
     /// it); `None` before the first one.
     pop_login: Option<Instant>,
+    /// A failure `prepare` met, reported by the next `send` instead of trying again at once
+    /// (a wrong password must not be tried twice per mail: providers lock accounts for that).
+    prepared: Option<(Instant, Failure)>,
 }
 
 /// Joins an error with its sources into one line (lettre puts the server text in the source).
@@ -188,6 +191,7 @@ impl Deliverer {
             session: None,
             progress: None,
             pop_login: None,
+            prepared: None,
         })
     }
 
@@ -313,6 +317,16 @@ impl Deliverer {
             return self.send_file(from, rcpts, bytes).await;
         }
         let gated = self.cfg.pop.is_some();
+        // A failure `prepare` just met stands for this attempt; an old one is forgotten.
+        if let Some((at, f)) = self.prepared.take() {
+            if at.elapsed() < self.cfg.smtp.timeout {
+                return Report {
+                    rcpts: vec![],
+                    end: Err(f),
+                    relay_gated: gated,
+                };
+            }
+        }
         if let Err(f) = self.ensure_pop(false).await {
             return Report {
                 rcpts: vec![],
@@ -364,6 +378,24 @@ impl Deliverer {
         }
         report.relay_gated = gated;
         report
+    }
+
+    /// Opens the session (and does the POP login) ahead of the pace wait, so the pace decides
+    /// when mails are handed over, not when connections happen to be made. A failure here is
+    /// not reported: `send` connects again and reports what it sees.
+    pub async fn prepare(&mut self) {
+        if self.cfg.smtp.transport == TransportKind::File || self.session.is_some() {
+            return;
+        }
+        self.prepared = None;
+        if let Err(f) = self.ensure_pop(false).await {
+            self.prepared = Some((Instant::now(), f));
+            return;
+        }
+        match self.open().await {
+            Ok(s) => self.session = Some(s),
+            Err(f) => self.prepared = Some((Instant::now(), f)),
+        }
     }
 
     /// Logs in to POP3 when POP-before-SMTP is on and the last login is older than

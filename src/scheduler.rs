@@ -110,7 +110,17 @@ impl Worker {
 
     /// Delivers one claimed row and records the outcome. `allow_pause` is false for
     /// `test-send`, which must never pause the queue.
-    pub async fn attempt(&mut self, claim: Claim, allow_pause: bool) -> Finished {
+    ///
+    /// The pace is waited for here, after the row is claimed and built and right before the
+    /// message is handed over, so the interval governs the moments the provider sees (MAIL
+    /// FROM), not claim times. If stopping is asked for during that wait, the claim is released
+    /// (the row is `queued` again, the attempt not counted) and `None` is returned.
+    pub async fn attempt(
+        &mut self,
+        claim: Claim,
+        allow_pause: bool,
+        shutdown: &mut Shutdown,
+    ) -> Option<Finished> {
         let started = Instant::now();
         let lang = self.lang();
         let test_mail = claim.max_attempts == Some(1);
@@ -134,10 +144,11 @@ impl Worker {
                     rcpts: vec![],
                     pause: None,
                     resume: false,
+                    started_at: None,
                 };
                 tracing::warn!(mail_id = claim.id, message_id = %claim.message_id, outcome = "failed",
                     error_code = e.code(), error = %e.text(Lang::En), "The mail cannot be built; the row is failed.");
-                return self.write(rec).await;
+                return Some(self.write(rec).await);
             }
         };
         let born = [Some(&claim.created_at), claim.send_after.as_ref()]
@@ -171,6 +182,7 @@ impl Worker {
         let expired = SystemTime::now()
             .duration_since(born)
             .is_ok_and(|age| age > lifetime);
+        let mut paced_at = None;
         let (verdict, report_reply) = if expired || pending.is_empty() {
             let e = Error::Expired {
                 lifetime: humantime::format_duration(lifetime).to_string(),
@@ -190,6 +202,11 @@ impl Worker {
             )
         } else {
             let addrs: Vec<lettre::Address> = pending.iter().map(|r| r.address.clone()).collect();
+            if !self.wait_for_pace(shutdown).await {
+                self.release(&claim).await;
+                return None;
+            }
+            paced_at = Some(SystemTime::now());
             let report = self
                 .deliverer
                 .send(&self.cfg.sender.envelope_from, &addrs, &composed.bytes)
@@ -277,6 +294,7 @@ impl Worker {
             }),
             // Any attempt that got past login proves the account works again.
             resume: !paused && !expired,
+            started_at: paced_at,
         };
         let recipients: Vec<String> = pending.iter().map(|r| r.address.to_string()).collect();
         let duration_ms = started.elapsed().as_millis() as u64;
@@ -302,7 +320,17 @@ impl Worker {
                 "The account works again: the queue is resumed."
             );
         }
-        self.write(rec).await
+        Some(self.write(rec).await)
+    }
+
+    /// Gives a claimed row back (stopping during the pace wait), retrying like [`Self::write`].
+    async fn release(&self, claim: &Claim) {
+        let mut wait = Duration::from_millis(200);
+        while let Err(e) = self.store.release(claim.id, claim.attempt_id).await {
+            tracing::error!(mail_id = claim.id, error = %e.text(Lang::En), "Cannot give the claimed row back; trying again.");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(30));
+        }
     }
 
     /// Records an outcome, retrying until the database takes it: a mail that went out must not
@@ -376,9 +404,7 @@ pub async fn run(
             shutdown.sleep(poll).await;
             continue;
         }
-        if !worker.wait_for_pace(&mut shutdown).await {
-            break;
-        }
+        worker.deliverer.prepare().await;
         let claim = match store
             .claim(SystemTime::now(), worker.msgid_domain.clone())
             .await
@@ -391,7 +417,9 @@ pub async fn run(
                 continue;
             }
         };
-        let fin = worker.attempt(claim, true).await;
+        let Some(fin) = worker.attempt(claim, true, &mut shutdown).await else {
+            break;
+        };
         stats.attempts += 1;
         match fin.status {
             "sent" => stats.sent += 1,

@@ -216,6 +216,9 @@ pub struct Record {
     pub pause: Option<(Duration, PauseLevel)>,
     /// The attempt proved the account works: lift a pause.
     pub resume: bool,
+    /// When the message was handed over (the pace's moment), replacing the claim time as the
+    /// attempt's `started_at`, which the pace is rebuilt from after a restart.
+    pub started_at: Option<SystemTime>,
 }
 
 /// How the pause length is chosen: from the back-off steps by the failure count.
@@ -561,10 +564,11 @@ impl Store {
                 rec.smtp_reply,
             ])?;
             tx.prepare_cached(
-                "UPDATE mail_attempt SET finished_at = ?2, outcome = ?3, error_code = ?4, error_text = ?5, smtp_reply = ?6
+                "UPDATE mail_attempt SET finished_at = ?2, outcome = ?3, error_code = ?4, error_text = ?5, smtp_reply = ?6,
+                        started_at = coalesce(?7, started_at)
                  WHERE id = ?1",
             )?
-            .execute(params![rec.attempt_id, now, rec.outcome.name(), rec.error_code, rec.error_text, rec.smtp_reply])?;
+            .execute(params![rec.attempt_id, now, rec.outcome.name(), rec.error_code, rec.error_text, rec.smtp_reply, rec.started_at.map(ts)])?;
             if let Some((_, level)) = &rec.pause {
                 let (was_paused, old_level): (bool, i64) =
                     tx.query_row("SELECT paused = 1, pause_level FROM queue_state WHERE id = 1", [], |r| {
@@ -599,26 +603,22 @@ impl Store {
         .await
     }
 
-    /// Fails a claimed row without contacting the server (it cannot be built into a mail).
-    pub async fn fail_unsendable(
-        &self,
-        claim: &Claim,
-        code: String,
-        text: String,
-    ) -> Result<(), Error> {
-        self.record(Record {
-            id: claim.id,
-            attempt_id: claim.attempt_id,
-            outcome: Outcome::Failed,
-            status: "failed",
-            next_attempt_at: None,
-            counts: true,
-            error_code: Some(code),
-            error_text: Some(text),
-            smtp_reply: None,
-            rcpts: vec![],
-            pause: None,
-            resume: false,
+    /// Gives a claimed row back untouched: `queued` again, the attempt neither counted nor
+    /// recorded (used when stopping before anything was sent).
+    pub async fn release(&self, id: i64, attempt_id: i64) -> Result<(), Error> {
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "DELETE FROM mail_attempt WHERE id = ?1",
+                params![attempt_id],
+            )?;
+            tx.execute(
+                "UPDATE mail_queue SET status = 'queued', attempts = attempts - 1, updated_at = ?2
+                 WHERE id = ?1 AND status = 'sending'",
+                params![id, now_ts()],
+            )?;
+            tx.commit()?;
+            Ok(())
         })
         .await
     }

@@ -6,18 +6,40 @@ Run it with the test venv's python (scripts/test-setup.sh creates target/test-ve
     target/test-venv/bin/python tests/servers/smtp_server.py --port 0 --spool /tmp/spool \
         [--tls-mode none|starttls|tls --cert cert.pem --key key.pem] \
         [--auth-user U --auth-password P] [--refuse-rcpt SUBSTR]... [--defer-rcpt SUBSTR:N]... \
-        [--mail-reply "CODE TEXT"] [--data-reply "CODE TEXT"] [--max-messages N]
+        [--mail-reply "CODE TEXT"] [--data-reply "CODE TEXT"] [--max-messages N] \
+        [--pop-log DOVECOT_LOG [--pop-window SECS] [--pop-grace SECS]]
 
 Once it listens on 127.0.0.1 it prints exactly one line `{"port": N}` to stdout and flushes.
 
 Spool layout (only messages that were answered 2xx after the final "." are written):
     DIR/<seq>.eml         the message as received (dot-unstuffed, CRLF line ends, raw bytes)
-    DIR/<seq>.json        {"mail_from", "rcpt_tos", "received_at", "connection", "helo"}
+    DIR/<seq>.json        {"mail_from", "rcpt_tos", "received_at", "mail_at" (time of MAIL FROM),
+                           "connection", "helo"}
     DIR/connections       number of TCP connections accepted so far
 Every file is written to a temporary name and renamed, .eml before .json, so a reader that sees
 N.json can read N.eml in full.
 
 Any configured reply that starts with "421" also closes the connection, as a real server does.
+
+POP-before-SMTP (--pop-log): relaying is allowed only to a client that logged in by POP3 lately,
+from the same IP address, as providers without SMTP AUTH do it. The only evidence trusted is
+Dovecot's own log: on every RCPT the server reads the whole log file and takes the successful
+login lines
+
+    2026-12-03 18:17:49.141380 pop3-login: Info: Login: user=<alice>, method=PLAIN, rip=127.0.0.2, ...
+
+(timestamp = Dovecot's log_timestamp, "%Y-%m-%d %H:%M:%S.%{usecs} " in the tests' Dovecot,
+"%Y-%m-%d %H:%M:%S " also works; local time, read back with the same local time zone), keeps
+those whose rip= equals the SMTP client's peer IP and takes the newest. If its age is at most
+--pop-window seconds (default 600), the RCPT goes on to the other checks (--refuse-rcpt,
+--defer-rcpt); otherwise it is answered
+    554 5.7.1 <ADDR>: Relay access denied
+With --pop-grace SECS (default 0) a refusal is held back for up to SECS while the log is polled
+again, for a login line Dovecot has not written yet. Each decision is logged to stderr (WARNING)
+and appended as one JSON line to DIR/relay.log:
+    {"rcpt", "peer", "allowed": bool, "login_age": float|null, "pop_user": str|null, "at": float}
+login_age/pop_user describe the newest login from that peer (null: none at all), also when it
+was too old; "at" is the unix time of the decision.
 Logs go to stderr (WARNING by default, --verbose for the whole SMTP dialogue).
 """
 
@@ -27,6 +49,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import ssl
 import sys
 import time
@@ -43,6 +66,45 @@ def atomic_write(path, data):
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+# A successful POP3 login in Dovecot's log (login_log_format_elements at its default).
+POP_LOGIN_RE = re.compile(
+    r"^(?P<ts>\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})(?:\.(?P<frac>\d+))? "
+    r"pop3-login: Info: Login: user=<(?P<user>[^>]*)>,.*?\brip=(?P<rip>[^,\s]+)")
+
+# Logins stamped up to this far in the future still count (clock granularity; same host).
+POP_CLOCK_SLACK = 1.0
+
+
+def normalize_ip(ip):
+    """'::ffff:127.0.0.2' -> '127.0.0.2'; anything else unchanged."""
+    return ip[7:] if ip.lower().startswith("::ffff:") and "." in ip else ip
+
+
+def newest_pop_login(log_path, peer_ip, now):
+    """(age in seconds, user) of the newest successful POP3 login from `peer_ip` in Dovecot's
+    log `log_path` that is not in the future, or (None, None) if there is none (or no log)."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return None, None
+    best = (None, None)
+    for line in lines:
+        m = POP_LOGIN_RE.match(line)
+        if not m or normalize_ip(m["rip"]) != peer_ip:
+            continue
+        # Dovecot writes local time; mktime reads it back in the same (this process's) zone.
+        at = time.mktime(time.strptime(m["ts"], "%Y-%m-%d %H:%M:%S"))
+        if m["frac"]:
+            at += int(m["frac"]) / 10 ** len(m["frac"])
+        age = now - at
+        if age < -POP_CLOCK_SLACK:
+            continue
+        if best[0] is None or age < best[0]:
+            best = (max(age, 0.0), m["user"])
+    return best
 
 
 def parse_reply(text):
@@ -86,9 +148,35 @@ class Handler:
             return await server.configured_reply(self.args.max_messages_reply)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        envelope.mail_at = time.time()  # when the transaction started, for pacing checks
         return "250 2.1.0 OK"
 
+    async def pop_before_smtp(self, session, address):
+        """The POP-before-SMTP gate: None to go on, or the 554 reply. Logs and records the decision."""
+        peer = normalize_ip(str(session.peer[0])) if session.peer else ""
+        deadline = time.monotonic() + self.args.pop_grace
+        while True:
+            now = time.time()
+            age, user = newest_pop_login(self.args.pop_log, peer, now)
+            allowed = age is not None and age <= self.args.pop_window
+            if allowed or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        record = {"rcpt": address, "peer": peer, "allowed": allowed, "login_age": age,
+                  "pop_user": user, "at": now}
+        with open(os.path.join(self.spool, "relay.log"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        age_text = "no POP login" if age is None else f"POP login of {user} {age:.3f}s ago"
+        log.warning("relay %s: RCPT <%s> from %s (%s; window %ss)",
+                    "allowed" if allowed else "DENIED", address, peer, age_text,
+                    self.args.pop_window)
+        return None if allowed else f"554 5.7.1 <{address}>: Relay access denied"
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.args.pop_log:
+            denied = await self.pop_before_smtp(session, address)
+            if denied:
+                return denied
         if any(s in address for s in self.args.refuse_rcpt):
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         for substr, times in self.args.defer_rcpt:
@@ -115,6 +203,7 @@ class Handler:
                 "mail_from": envelope.mail_from,
                 "rcpt_tos": list(envelope.rcpt_tos),
                 "received_at": received_at,
+                "mail_at": getattr(envelope, "mail_at", received_at),
                 "connection": server.connection_no,
                 "helo": session.host_name,
             }
@@ -166,6 +255,13 @@ def main():
     p.add_argument("--max-messages-reply", type=parse_reply,
                    default="452 4.5.3 Message limit reached, try again later")
     p.add_argument("--hostname", default="mx.test.invalid", help="name in the greeting and EHLO")
+    p.add_argument("--pop-log", metavar="DOVECOT_LOG",
+                   help="POP-before-SMTP: allow RCPT only after a POP3 login from the client's "
+                   "IP in this Dovecot log (see above)")
+    p.add_argument("--pop-window", type=float, default=600.0, metavar="SECS",
+                   help="with --pop-log: how old that login may be (default 600)")
+    p.add_argument("--pop-grace", type=float, default=0.0, metavar="SECS",
+                   help="with --pop-log: poll the log this long before refusing (default 0)")
     p.add_argument("--verbose", action="store_true", help="log the SMTP dialogue to stderr")
     args = p.parse_args()
 
@@ -173,6 +269,8 @@ def main():
         p.error("--tls-mode starttls|tls needs --cert and --key")
     if bool(args.auth_user) != bool(args.auth_password):
         p.error("--auth-user and --auth-password go together")
+    if args.pop_window < 0 or args.pop_grace < 0:
+        p.error("--pop-window and --pop-grace must not be negative")
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO if args.verbose else logging.WARNING,
                         format="smtp_server %(levelname)s %(name)s: %(message)s")

@@ -4,8 +4,11 @@
 //! - [`SmtpSink`]: Postfix's `smtp-sink`, fast, with its own fault flags (-r/-f/-Q/-q/-w ...).
 //! - [`TestCa`]: a CA and a server cert for localhost/127.0.0.1 (plus an untrusted one), via rcgen.
 //! - [`Db`]: the queue database; [`base_config`]/[`write_config`]/[`run_mailqueue`]/[`Daemon`].
+//! - [`dovecot::Dovecot`]: a real Dovecot POP3/POP3S server with its own log (for POP-before-SMTP,
+//!   together with the python server's `--pop-log`).
 //!
-//! Prerequisites: `scripts/test-setup.sh` (postfix binaries and target/test-venv with aiosmtpd).
+//! Prerequisites: `scripts/test-setup.sh` (postfix binaries and target/test-venv with aiosmtpd);
+//! for [`dovecot`], `scripts/dovecot-test.sh` and root.
 //! Waiting is always "poll an external event every 20 ms until a deadline", never a bare sleep.
 #![allow(dead_code)]
 
@@ -21,6 +24,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+pub mod dovecot;
 
 /// For starting a server with no extra arguments: `SmtpServer::start(NO_ARGS)`.
 pub const NO_ARGS: &[&str] = &[];
@@ -295,6 +300,8 @@ pub struct Received {
     pub rcpt_tos: Vec<String>,
     /// Unix time at the end of DATA.
     pub received_at: f64,
+    /// Unix time of the MAIL FROM that started the transaction.
+    pub mail_at: f64,
     /// Connection number (1 = first connection the server accepted).
     pub connection: u64,
     /// The EHLO/HELO name the client gave on that connection (after STARTTLS: the second EHLO).
@@ -306,7 +313,9 @@ pub struct Received {
 impl SmtpServer {
     /// Starts the server with `--port 0 --spool <fresh dir>` plus `args` (see the script's
     /// docstring: --tls-mode/--cert/--key, --auth-user/--auth-password, --refuse-rcpt,
-    /// --defer-rcpt SUBSTR:N, --mail-reply, --data-reply, --max-messages, --verbose).
+    /// --defer-rcpt SUBSTR:N, --mail-reply, --data-reply, --max-messages, --verbose, and the
+    /// POP-before-SMTP relay gate --pop-log DOVECOT_LOG --pop-window SECS [--pop-grace SECS],
+    /// whose decisions [`SmtpServer::relay_decisions`] reads).
     /// Waits (20 s at most) for its `{"port": N}` line; panics with its stderr if it dies.
     pub fn start<S: AsRef<OsStr>>(args: &[S]) -> SmtpServer {
         let dir = tempfile::Builder::new()
@@ -418,11 +427,22 @@ impl SmtpServer {
                         })
                         .unwrap_or_default(),
                     received_at: meta["received_at"].as_f64().unwrap_or_default(),
+                    mail_at: meta["mail_at"].as_f64().unwrap_or_default(),
                     connection: meta["connection"].as_u64().unwrap_or_default(),
                     helo: meta["helo"].as_str().unwrap_or_default().to_owned(),
                     raw: fs::read(self.spool.join(format!("{seq}.eml"))).unwrap(),
                 }
             })
+            .collect()
+    }
+
+    /// The POP-before-SMTP gate's decisions so far (`--pop-log`), one per RCPT, oldest first,
+    /// from `SPOOL/relay.log`: `{"rcpt", "peer", "allowed", "login_age", "pop_user", "at"}`
+    /// (`login_age`/`pop_user`: null if no POP login from that peer was found at all).
+    pub fn relay_decisions(&self) -> Vec<serde_json::Value> {
+        read_lossy(&self.spool.join("relay.log"))
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok()) // a line being written is skipped
             .collect()
     }
 
