@@ -19,8 +19,9 @@ use crate::config::{self, Config};
 use crate::deliver::{Deliverer, Step};
 use crate::error::{Error, Lang};
 use crate::scheduler::{self, Worker};
-use crate::signals::{self, Control, Shutdown};
-use crate::store::{self, NewMail, RunLock, Store};
+use crate::service;
+use crate::signals::{self, Shutdown};
+use crate::store::{self, DaemonLock, NewMail, RunLock, Store};
 use crate::telemetry;
 
 /// Delivers a CRM's queued mails through one SMTP account, paced to the provider's limit.
@@ -43,6 +44,10 @@ pub enum Command {
         /// Deliver what is due now, then exit (for cron and tests).
         #[arg(long)]
         once: bool,
+        /// Skip the one-daemon-per-queue-file lock. Tests use it to prove the claim is safe
+        /// without it; two daemons on one account would share its pace.
+        #[arg(long, hide = true)]
+        no_lock_dangerous: bool,
     },
     /// Create or upgrade the queue tables, then exit.
     Migrate,
@@ -190,7 +195,10 @@ async fn open_store(path: &Path) -> Result<Store, Error> {
 async fn dispatch(cli: Cli) -> Result<i32, Error> {
     match cli.command {
         Command::CheckConfig { connect } => check_config(&cli.config, connect).await,
-        Command::Run { once } => run(&cli.config, once).await,
+        Command::Run {
+            once,
+            no_lock_dangerous,
+        } => run(&cli.config, once, no_lock_dangerous).await,
         Command::Demo => demo(&cli.config).await,
         Command::TestSend { to, subject, body } => test_send(&cli.config, to, subject, body).await,
         other => {
@@ -229,32 +237,59 @@ fn print_step() -> Box<dyn Fn(&Step) + Send + Sync> {
     })
 }
 
-async fn run(path: &Path, once: bool) -> Result<i32, Error> {
+async fn run(path: &Path, once: bool, no_lock: bool) -> Result<i32, Error> {
     let cfg = load(path)?;
     let store = open_store(&cfg.queue.database).await?;
+    let daemon_lock = if no_lock {
+        None
+    } else {
+        let db = cfg.queue.database.clone();
+        Some(
+            tokio::task::spawn_blocking(move || DaemonLock::acquire(&db))
+                .await
+                .map_err(|e| Error::db(format!("lock task failed: {e}")))??,
+        )
+    };
     let (lock, exclusive) = take_lock(&cfg.queue.database).await?;
     recover(&store, &cfg, exclusive).await?;
     lock.downgrade()?;
     let (trigger, shutdown) = signals::shutdown_pair();
-    let mut controls = signals::listen(trigger).map_err(|e| Error::Usage {
+    let controls = signals::listen(trigger).map_err(|e| Error::Usage {
         detail: format!("cannot listen for signals: {e}"),
     })?;
-    tokio::spawn(async move {
-        while let Some(c) = controls.recv().await {
-            if c == Control::Reload {
-                tracing::warn!("SIGHUP received: reloading is not supported by this version yet; restart to apply config changes.");
-            }
+    if let Some(addr) = cfg.metrics_listen {
+        telemetry::init_metrics(addr).map_err(|e| Error::Config {
+            problems: vec![format!("metrics.listen: {e}")],
+        })?;
+        if let Ok(Some(t)) = store.last_sent_at().await {
+            telemetry::set_last_sent(t);
         }
-    });
+        service::spawn_gauges(store.clone(), shutdown.clone());
+    }
+    let heartbeat = service::Heartbeat::new();
+    heartbeat.promise(cfg.queue.poll_interval * 2 + std::time::Duration::from_secs(2));
+    if !once {
+        service::spawn_housekeeping(store.clone(), &cfg, shutdown.clone());
+        service::spawn_watchdog(heartbeat.clone(), shutdown.clone());
+    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         database = %cfg.queue.database.display(),
         server = %format!("{}:{}", cfg.smtp.host, cfg.smtp.port),
         interval_ms = cfg.rate.interval.as_millis() as u64,
+        pop_before_smtp = cfg.pop.is_some(),
         once,
         "mailqueue started."
     );
-    let stats = scheduler::run(cfg, store, shutdown, once).await?;
+    service::notify_ready("delivering");
+    tracing::info!("Ready: the queue is open and the configuration valid.");
+    let opts = scheduler::RunOptions {
+        once,
+        controls: Some(controls),
+        heartbeat,
+    };
+    let stats = scheduler::run(cfg, store, shutdown, opts).await?;
+    service::notify_stopping();
     tracing::info!(
         attempts = stats.attempts,
         sent = stats.sent,
@@ -262,6 +297,7 @@ async fn run(path: &Path, once: bool) -> Result<i32, Error> {
         "mailqueue stopped."
     );
     drop(lock);
+    drop(daemon_lock);
     Ok(0)
 }
 
@@ -301,14 +337,14 @@ async fn test_send(
     let (lock, _) = take_lock(&cfg.queue.database).await?;
     lock.downgrade()?;
     let deliverer = Deliverer::new(&cfg)?.with_progress(print_step());
-    let (mut worker, first_wait) = Worker::new(cfg, store.clone(), deliverer).await?;
+    let mut worker = Worker::new(cfg, store.clone(), deliverer).await?;
+    let first_wait = worker.first_wait();
     let mut never = Shutdown::never();
     if !first_wait.is_zero() {
         println!(
             "waiting {} ms for the pace (a mail was sent recently)",
             first_wait.as_millis()
         );
-        never.sleep(first_wait).await;
     }
     let (def_subject, def_body) = match lang {
         Lang::Ja => ("テストメール", "メール送信のテスト"),
@@ -579,7 +615,13 @@ async fn demo(path: &Path) -> Result<i32, Error> {
             .unwrap_or_else(|| format!("{}:{}", cfg.smtp.host, cfg.smtp.port))
     );
     let started = std::time::Instant::now();
-    let stats = scheduler::run(cfg, store.clone(), Shutdown::never(), true).await?;
+    let stats = scheduler::run(
+        cfg,
+        store.clone(),
+        Shutdown::never(),
+        scheduler::RunOptions::once(),
+    )
+    .await?;
     let rows = store.list(None, ids.len()).await?;
     for r in rows.iter().rev() {
         println!(

@@ -66,6 +66,16 @@ struct RawConfig {
     log: RawLog,
     /// POP-before-SMTP: log in to POP3 first, so the provider relays for this host a while.
     pop_before_smtp: Option<RawPop>,
+    /// Prometheus metrics (off unless `listen` is set).
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    /// Address to serve `/metrics` on, e.g. "127.0.0.1:9464". Off when absent.
+    listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -83,6 +93,14 @@ struct RawQueue {
     message_lifetime: Option<String>,
     /// The largest mail (headers and body) that is sent, in bytes or "10MB"/"25MiB". Default 25MiB.
     max_message_size: Option<toml::Value>,
+    /// On SIGTERM, how long the mail in flight may take to finish. Default "30s".
+    shutdown_grace: Option<String>,
+    /// Sent mails are purged this long after they were sent. Default "30d".
+    keep_sent: Option<String>,
+    /// Failed and cancelled mails are purged this long after they ended. Default "90d".
+    keep_failed: Option<String>,
+    /// How often old rows are purged and the file checkpointed. Default "10m".
+    housekeeping_interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -206,6 +224,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[pop_before_smtp]`, when enabled.
     pub pop: Option<PopConfig>,
+    /// `[metrics] listen`, when set.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `[pop_before_smtp]`, enabled.
@@ -244,6 +264,14 @@ pub struct QueueConfig {
     pub message_lifetime: Duration,
     /// The largest mail sent, in bytes.
     pub max_message_size: u64,
+    /// How long the mail in flight may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Purge sent rows after this long.
+    pub keep_sent: Duration,
+    /// Purge failed and cancelled rows after this long.
+    pub keep_failed: Duration,
+    /// How often housekeeping runs.
+    pub housekeeping_interval: Duration,
 }
 
 /// `[sender]`.
@@ -386,6 +414,24 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
             problems: v.problems,
         }),
     }
+}
+
+/// Reads a secret file's first line, refusing a file that group or others may access (as msmtp
+/// does): a password readable by other local users is not a secret.
+fn read_secret_file(f: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} may be read by other users (mode {mode:o}); allow only its owner: chmod 600 {}",
+            f.display(),
+            f.display()
+        ));
+    }
+    let text =
+        std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+    Ok(text.lines().next().unwrap_or("").to_string())
 }
 
 /// The dotted key (`rate.interval_ms`) of the line holding byte `pos`, for toml's errors, which
@@ -536,6 +582,16 @@ impl Validator {
             Some(p) if p.enabled.unwrap_or(false) => Some(self.pop(p)?),
             _ => None,
         };
+        let metrics_listen = raw.metrics.listen.as_deref().and_then(|a| match a.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.bad(
+                    "metrics.listen",
+                    format!("{a:?} is not an address like \"127.0.0.1:9464\""),
+                );
+                None
+            }
+        });
         Some(Config {
             path: path.to_path_buf(),
             queue,
@@ -544,6 +600,7 @@ impl Validator {
             rate,
             log,
             pop,
+            metrics_listen,
         })
     }
 
@@ -564,13 +621,10 @@ impl Validator {
                 None
             }
             (Some(p), None) => Some(Secret::new(p)),
-            (None, Some(f)) => match std::fs::read_to_string(f) {
-                Ok(t) => Some(Secret::new(t.lines().next().unwrap_or("").to_string())),
+            (None, Some(f)) => match read_secret_file(f) {
+                Ok(t) => Some(Secret::new(t)),
                 Err(e) => {
-                    self.bad(
-                        &format!("{section}.password_file"),
-                        format!("cannot read {}: {e}", f.display()),
-                    );
+                    self.bad(&format!("{section}.password_file"), e);
                     None
                 }
             },
@@ -688,6 +742,14 @@ impl Validator {
             },
             message_lifetime,
             max_message_size,
+            shutdown_grace: self.duration("queue.shutdown_grace", q.shutdown_grace, "30s"),
+            keep_sent: self.duration("queue.keep_sent", q.keep_sent, "30d"),
+            keep_failed: self.duration("queue.keep_failed", q.keep_failed, "90d"),
+            housekeeping_interval: self.duration(
+                "queue.housekeeping_interval",
+                q.housekeeping_interval,
+                "10m",
+            ),
         }
     }
 
@@ -1167,6 +1229,29 @@ error_language = "fr"
         assert!(
             !format!("{:?}", parse(&on, Path::new("t.toml")).unwrap()).contains("password: \"p\"")
         );
+    }
+
+    #[test]
+    fn a_secret_file_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("pw");
+        std::fs::write(&f, "s3cret\nignored\n").unwrap();
+        let text = format!(
+            "{MIN}auth = true\nuser = \"u\"\npassword_file = {:?}\n",
+            f.to_str().unwrap()
+        );
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let p = problems(&text).join("\n");
+        assert!(
+            p.contains("smtp.password_file")
+                && p.contains("chmod 600")
+                && p.contains(f.to_str().unwrap()),
+            "{p}"
+        );
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = parse(&text, Path::new("t.toml")).unwrap();
+        assert_eq!(c.smtp.credentials.unwrap().1.reveal(), "s3cret");
     }
 
     #[test]

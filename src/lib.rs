@@ -10,7 +10,8 @@
 //! - `policy`: pure failure policy — what a reply means, back-off, pauses;
 //! - `rate`: the token bucket and the rolling windows;
 //! - `signals`: signals as one enum, and the shutdown flag;
-//! - `telemetry`: logs;
+//! - `service`: systemd notify and watchdog, housekeeping, metrics gauges;
+//! - `telemetry`: logs and metrics;
 //! - `error`: the one error type, with stable codes and texts in English and Japanese;
 //! - `cli`: the command line.
 
@@ -23,6 +24,7 @@ pub mod policy;
 pub mod pop3;
 pub mod rate;
 pub mod scheduler;
+pub mod service;
 pub mod signals;
 pub mod store;
 pub mod telemetry;

@@ -8,21 +8,34 @@
 //! Not its job: SQL, SMTP, or failure policy; those live in `store`, `deliver` and `policy`.
 //! Retry times are stored on the row (`next_attempt_at`), never held by a sleeping task.
 //!
-//! Invariants: shutdown is checked only between mails, so a mail in flight finishes; a
+//! Signals arrive as [`Control`] values: a reload is applied between mails (new settings from
+//! the next connection; the pace keeps its last send time; an account pause is cleared); a stop
+//! lets the mail in flight finish within `[queue] shutdown_grace`.
+//!
+//! Invariants: shutdown is checked only between mails, so a mail in flight finishes (or, past
+//! the grace, stays `sending` to be recovered as in doubt); the heartbeat is renewed before
+//! every bounded wait, so the watchdog sees a frozen loop and only that; a
 //! database error never kills the loop (it backs off and tries again) and an outcome is
 //! retried until it is written, so nothing is marked sent that was not, and a row is never left
 //! `sending` while this process lives.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::Config;
+use tokio::sync::mpsc;
+
+use crate::config::{self, Config};
 use crate::deliver::Deliverer;
 use crate::error::{Error, Lang};
 use crate::message;
 use crate::policy::{self, Fate, Outcome, RowFacts, Settlement};
 use crate::rate::Pacer;
-use crate::signals::Shutdown;
+use crate::service::{self, Heartbeat};
+use crate::signals::{Control, Shutdown};
 use crate::store::{parse_ts, Claim, PauseLevel, Record, Store};
+
+/// Added to every heartbeat promise: the time to get from one promise to the next.
+const HEARTBEAT_SLACK: Duration = Duration::from_secs(2);
 
 /// How a finished attempt ended, for the caller (`test-send` prints it).
 #[derive(Debug, Clone)]
@@ -49,6 +62,11 @@ pub struct Worker {
     pacer: Pacer,
     /// The domain for new Message-IDs (the From address's).
     msgid_domain: String,
+    /// No send before this moment: the rest of the interval after the last send the database
+    /// records (set at start and on reload, when the pacer is rebuilt).
+    not_before: Option<Instant>,
+    /// The promise the watchdog checks.
+    heartbeat: Arc<Heartbeat>,
 }
 
 /// Counts of one `run`, for `--once` and the demo.
@@ -64,25 +82,93 @@ pub struct RunStats {
 
 impl Worker {
     /// Builds a worker; the pace is rebuilt from the send times the database recorded.
-    pub async fn new(
-        cfg: Config,
-        store: Store,
-        deliverer: Deliverer,
-    ) -> Result<(Worker, Duration), Error> {
+    pub async fn new(cfg: Config, store: Store, deliverer: Deliverer) -> Result<Worker, Error> {
+        let (pacer, not_before) = Self::pacer(&cfg, &store).await?;
+        let msgid_domain = cfg.sender.from.email.domain().to_string();
+        Ok(Worker {
+            cfg,
+            store,
+            deliverer,
+            pacer,
+            msgid_domain,
+            not_before,
+            heartbeat: Heartbeat::new(),
+        })
+    }
+
+    /// A pacer for `cfg.rate`, restored from the database's send history.
+    async fn pacer(cfg: &Config, store: &Store) -> Result<(Pacer, Option<Instant>), Error> {
         let mut pacer = Pacer::new(&cfg.rate);
         let history = store.send_history(pacer.history_needed()).await?;
-        let first_wait = pacer.restore(&history, SystemTime::now());
-        let msgid_domain = cfg.sender.from.email.domain().to_string();
-        Ok((
-            Worker {
-                cfg,
-                store,
-                deliverer,
-                pacer,
-                msgid_domain,
-            },
-            first_wait,
-        ))
+        let wait = pacer.restore(&history, SystemTime::now());
+        Ok((pacer, (!wait.is_zero()).then(|| Instant::now() + wait)))
+    }
+
+    /// How long the pace makes the first send wait (the database records a recent send).
+    pub fn first_wait(&self) -> Duration {
+        self.not_before.map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(Instant::now())
+        })
+    }
+
+    /// Shares the heartbeat the watchdog checks.
+    pub fn with_heartbeat(mut self, hb: Arc<Heartbeat>) -> Self {
+        self.heartbeat = hb;
+        self
+    }
+
+    /// Reads the config file again and applies it: the next connection uses the new account
+    /// settings, the pace keeps its last send time, the log level changes, an account pause is
+    /// cleared (the admin has just fixed something). An invalid file changes nothing.
+    pub async fn reload(&mut self) {
+        let path = self.cfg.path.clone();
+        let mut new = match config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(config = %path.display(), error = %e.text(Lang::En),
+                    "Reload refused: the new configuration is invalid; still running with the old one.");
+                return;
+            }
+        };
+        let deliverer = match Deliverer::new(&new) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e.text(Lang::En), "Reload refused; still running with the old configuration.");
+                return;
+            }
+        };
+        if new.queue.database != self.cfg.queue.database {
+            tracing::warn!(old = %self.cfg.queue.database.display(), new = %new.queue.database.display(),
+                "queue.database changed: that needs a restart; the other settings are applied.");
+            new.queue.database = self.cfg.queue.database.clone();
+        }
+        if new.log.format != self.cfg.log.format {
+            tracing::warn!(
+                "log.format changed: that needs a restart; the other settings are applied."
+            );
+        }
+        let (pacer, not_before) = match Self::pacer(&new, &self.store).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e.text(Lang::En), "Reload refused: cannot read the send history.");
+                return;
+            }
+        };
+        if let Err(e) = crate::telemetry::set_level(&new.log.level) {
+            tracing::warn!(error = %e, "Cannot apply log.level.");
+        }
+        self.deliverer.close().await;
+        self.deliverer = deliverer;
+        self.pacer = pacer;
+        self.not_before = not_before;
+        self.cfg = new;
+        match self.store.resume().await {
+            Ok(true) => tracing::info!("The account pause is cleared by the reload."),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e.text(Lang::En), "Cannot clear the account pause."),
+        }
+        tracing::info!(config = %path.display(), interval_ms = self.cfg.rate.interval.as_millis() as u64,
+            "Configuration reloaded.");
     }
 
     fn lang(&self) -> Lang {
@@ -96,16 +182,39 @@ impl Worker {
 
     /// Waits until the pace allows a send (or stopping is asked for: returns false).
     pub async fn wait_for_pace(&mut self, shutdown: &mut Shutdown) -> bool {
+        if let Some(t) = self.not_before.take() {
+            let wait = t.saturating_duration_since(Instant::now());
+            self.heartbeat.promise(wait + HEARTBEAT_SLACK);
+            if !shutdown.sleep(wait).await {
+                self.not_before = Some(t);
+                return false;
+            }
+        }
         loop {
             match self.pacer.try_acquire(SystemTime::now()) {
                 Ok(()) => return true,
                 Err(wait) => {
+                    self.heartbeat.promise(wait + HEARTBEAT_SLACK);
                     if !shutdown.sleep(wait).await {
                         return false;
                     }
                 }
             }
         }
+    }
+
+    /// The longest one delivery attempt can take with every step's timeout: the watchdog's
+    /// promise while the server is slow.
+    fn attempt_budget(&self, rcpts: usize) -> Duration {
+        let s = &self.cfg.smtp;
+        let pop = self
+            .cfg
+            .pop
+            .as_ref()
+            .map_or(Duration::ZERO, |p| p.timeout * 16);
+        // connect (x2), greeting/EHLO, STARTTLS + EHLO, AUTH, MAIL, RCPT each, DATA, RSET, and a
+        // second round for a stale kept connection or a relay retry; then the final reply.
+        s.timeout * (2 * (8 + rcpts as u32)) + s.data_timeout + pop + HEARTBEAT_SLACK
     }
 
     /// Delivers one claimed row and records the outcome. `allow_pause` is false for
@@ -207,6 +316,7 @@ impl Worker {
                 return None;
             }
             paced_at = Some(SystemTime::now());
+            self.heartbeat.promise(self.attempt_budget(addrs.len()));
             let report = self
                 .deliverer
                 .send(&self.cfg.sender.envelope_from, &addrs, &composed.bytes)
@@ -336,6 +446,7 @@ impl Worker {
     /// Records an outcome, retrying until the database takes it: a mail that went out must not
     /// be left looking unsent, nor a failure unrecorded.
     async fn write(&self, rec: Record) -> Finished {
+        crate::telemetry::record_attempt(rec.outcome.name(), rec.status, rec.error_code.as_deref());
         let fin = Finished {
             id: rec.id,
             status: rec.status,
@@ -362,28 +473,86 @@ impl Worker {
     }
 }
 
+/// How `run` is driven.
+pub struct RunOptions {
+    /// Deliver what is due now, then return.
+    pub once: bool,
+    /// Reload requests (SIGHUP); `None` for one-shot commands.
+    pub controls: Option<mpsc::UnboundedReceiver<Control>>,
+    /// The watchdog's heartbeat.
+    pub heartbeat: Arc<Heartbeat>,
+}
+
+impl RunOptions {
+    /// `run --once` and the demo: no signals, no watchdog.
+    pub fn once() -> RunOptions {
+        RunOptions {
+            once: true,
+            controls: None,
+            heartbeat: Heartbeat::new(),
+        }
+    }
+}
+
+/// What ended an idle wait.
+enum Wake {
+    /// The wait ran out.
+    Timer,
+    /// A control message arrived.
+    Control(Control),
+}
+
+async fn idle(
+    shutdown: &mut Shutdown,
+    controls: &mut Option<mpsc::UnboundedReceiver<Control>>,
+    d: Duration,
+) -> Wake {
+    match controls {
+        Some(rx) => tokio::select! {
+            _ = shutdown.sleep(d) => Wake::Timer,
+            Some(c) = rx.recv() => Wake::Control(c),
+        },
+        None => {
+            shutdown.sleep(d).await;
+            Wake::Timer
+        }
+    }
+}
+
 /// The daemon's loop. Returns when `shutdown` fires, or — with `once` — when nothing is due.
 pub async fn run(
     cfg: Config,
     store: Store,
     mut shutdown: Shutdown,
-    once: bool,
+    mut opts: RunOptions,
 ) -> Result<RunStats, Error> {
     let deliverer = Deliverer::new(&cfg)?;
-    let poll = cfg.queue.poll_interval;
-    let (mut worker, first_wait) = Worker::new(cfg, store.clone(), deliverer).await?;
+    let mut worker = Worker::new(cfg, store.clone(), deliverer)
+        .await?
+        .with_heartbeat(opts.heartbeat.clone());
+    let hb = opts.heartbeat.clone();
     let mut stats = RunStats::default();
+    let first_wait = worker.first_wait();
     if !first_wait.is_zero() {
         tracing::info!(
             wait_ms = first_wait.as_millis() as u64,
             "Waiting for the pace before the first send (the database records a recent send)."
         );
-        if !shutdown.sleep(first_wait).await {
-            return Ok(stats);
-        }
     }
-    let mut db_backoff = poll;
+    let mut db_backoff = worker.cfg.queue.poll_interval;
     while !shutdown.is_requested() {
+        let poll = worker.cfg.queue.poll_interval;
+        #[cfg(feature = "failpoints")]
+        if std::env::var("MAILQUEUE_FAILPOINT").as_deref() == Ok("freeze-scheduler") {
+            tracing::warn!("Failpoint freeze-scheduler: the scheduler stops here (tests only).");
+            std::future::pending::<()>().await;
+        }
+        hb.promise(poll * 2 + HEARTBEAT_SLACK);
+        if let Some(rx) = opts.controls.as_mut() {
+            while let Ok(c) = rx.try_recv() {
+                apply(&mut worker, c).await;
+            }
+        }
         let due = match store.has_due(SystemTime::now()).await {
             Ok(d) => {
                 db_backoff = poll;
@@ -391,19 +560,23 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::error!(error = %e.text(Lang::En), retry_in_ms = db_backoff.as_millis() as u64, "Cannot read the queue database; trying again.");
+                hb.promise(db_backoff + HEARTBEAT_SLACK);
                 shutdown.sleep(db_backoff).await;
                 db_backoff = (db_backoff * 2).min(Duration::from_secs(30));
                 continue;
             }
         };
         if !due {
-            if once {
+            if opts.once {
                 break;
             }
             worker.deliverer.close_if_idle().await;
-            shutdown.sleep(poll).await;
+            if let Wake::Control(c) = idle(&mut shutdown, &mut opts.controls, poll).await {
+                apply(&mut worker, c).await;
+            }
             continue;
         }
+        hb.promise(worker.attempt_budget(1));
         worker.deliverer.prepare().await;
         let claim = match store
             .claim(SystemTime::now(), worker.msgid_domain.clone())
@@ -417,9 +590,25 @@ pub async fn run(
                 continue;
             }
         };
-        let Some(fin) = worker.attempt(claim, true, &mut shutdown).await else {
-            break;
+        let grace = worker.cfg.queue.shutdown_grace;
+        let mut stop = shutdown.clone();
+        let mut pace_stop = shutdown.clone();
+        let fin = {
+            let fut = worker.attempt(claim, true, &mut pace_stop);
+            tokio::pin!(fut);
+            tokio::select! {
+                r = &mut fut => r,
+                _ = stop.requested() => match tokio::time::timeout(grace, &mut fut).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(grace_ms = grace.as_millis() as u64,
+                            "The mail in flight did not finish within queue.shutdown_grace; it stays 'sending' and is recovered as in doubt at the next start.");
+                        return Ok(stats);
+                    }
+                },
+            }
         };
+        let Some(fin) = fin else { break };
         stats.attempts += 1;
         match fin.status {
             "sent" => stats.sent += 1,
@@ -429,4 +618,16 @@ pub async fn run(
     }
     worker.close().await;
     Ok(stats)
+}
+
+/// Carries out one control message between mails.
+async fn apply(worker: &mut Worker, c: Control) {
+    match c {
+        Control::Reload => {
+            service::notify_reloading();
+            worker.reload().await;
+            service::notify_ready("reloaded");
+        }
+        Control::Stop => {}
+    }
 }

@@ -328,6 +328,12 @@ impl Store {
         // sent again (a duplicate), never lost. See docs/queue-table.md.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // A new file reclaims the pages of purged rows a little at a time (housekeeping runs
+        // `incremental_vacuum`); this can only be chosen before the first table exists.
+        let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?;
+        if tables == 0 {
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+        }
         migrate(&mut conn, path)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
@@ -816,16 +822,32 @@ impl Store {
     /// Deletes finished rows (sent, failed, cancelled) last updated before `cutoff`, with their
     /// recipients and attempts, in batches so no transaction is long.
     pub async fn purge(&self, cutoff: SystemTime) -> Result<usize, Error> {
+        self.purge_status(&["sent", "failed", "cancelled"], cutoff)
+            .await
+    }
+
+    /// Like [`Store::purge`], for the given finished statuses only.
+    pub async fn purge_status(
+        &self,
+        statuses: &'static [&'static str],
+        cutoff: SystemTime,
+    ) -> Result<usize, Error> {
         let cutoff = ts(cutoff);
+        let list = statuses
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut total = 0;
         loop {
             let cutoff = cutoff.clone();
+            let list = list.clone();
             let n = self
                 .call(move |c| {
                     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
                     let ids: Vec<i64> = {
                         let mut st = tx.prepare(
-                            "SELECT id FROM mail_queue WHERE status IN ('sent','failed','cancelled') AND updated_at < ?1 LIMIT 500",
+                            &format!("SELECT id FROM mail_queue WHERE status IN ({list}) AND updated_at < ?1 LIMIT 500"),
                         )?;
                         let v = st.query_map(params![cutoff], |r| r.get(0))?.collect::<Result<_, _>>()?;
                         v
@@ -881,6 +903,95 @@ impl RunLock {
         self.file
             .lock_shared()
             .map_err(|e| Error::db(format!("cannot downgrade the run lock: {e}")))
+    }
+}
+
+/// The "one daemon per queue file" lock on `<queue file>.daemon.lock`, held exclusively by
+/// `mailqueue run` for its whole life; the file holds the holder's pid for the message a second
+/// daemon gets. The claim stays safe without it (two processes never claim one row); the lock
+/// keeps two daemons from sharing one account's pace.
+pub struct DaemonLock {
+    /// The open, locked file.
+    _file: std::fs::File,
+}
+
+impl DaemonLock {
+    /// Takes the lock or explains who holds it.
+    pub fn acquire(db: &Path) -> Result<DaemonLock, Error> {
+        use std::io::{Read, Seek, Write};
+        let path = PathBuf::from(format!("{}.daemon.lock", db.display()));
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::db(format!("cannot open the lock file {}: {e}", path.display())))?;
+        if file.try_lock().is_err() {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            return Err(Error::Usage {
+                detail: format!(
+                    "another mailqueue daemon (pid {}) is already running on {}; one daemon per queue file",
+                    pid.trim(),
+                    db.display()
+                ),
+            });
+        }
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = write!(file, "{}", std::process::id());
+        Ok(DaemonLock { _file: file })
+    }
+}
+
+/// What one round of file maintenance found.
+#[derive(Debug, Clone, Copy)]
+pub struct Maintenance {
+    /// A reader kept the checkpoint from finishing (the WAL could not be reset).
+    pub checkpoint_blocked: bool,
+    /// Pages in the WAL before the checkpoint.
+    pub wal_pages: i64,
+    /// The WAL file's size after the checkpoint, in bytes.
+    pub wal_bytes: u64,
+    /// Free pages left after reclaiming some.
+    pub free_pages: i64,
+}
+
+impl Store {
+    /// Checkpoints the WAL (resetting it when no reader holds it) and reclaims up to `pages`
+    /// free pages of purged rows.
+    pub async fn maintain(&self, pages: i64) -> Result<Maintenance, Error> {
+        let wal = PathBuf::from(format!("{}-wal", self.path.display()));
+        self.call(move |c| {
+            let (busy, log, _done): (i64, i64, i64) =
+                c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
+            c.execute_batch(&format!("PRAGMA incremental_vacuum({pages})"))?;
+            let free_pages: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+            let wal_bytes = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+            Ok(Maintenance {
+                checkpoint_blocked: busy != 0,
+                wal_pages: log,
+                wal_bytes,
+                free_pages,
+            })
+        })
+        .await
+    }
+
+    /// When the newest `sent` row was sent (for "seconds since the last successful send").
+    pub async fn last_sent_at(&self) -> Result<Option<SystemTime>, Error> {
+        self.call(|c| {
+            let t: Option<String> = c.query_row(
+                "SELECT max(sent_at) FROM mail_queue WHERE status = 'sent'",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(t.as_deref().and_then(parse_ts))
+        })
+        .await
     }
 }
 

@@ -578,8 +578,8 @@ fn two_processes_on_one_file_send_each_mail_once() {
         db.insert("a@example.com", &format!("m{i}"), "x");
     }
     db.execute("COMMIT");
-    let mut a = Daemon::spawn(&s.config, &["run", "--once"]);
-    let mut b = Daemon::spawn(&s.config, &["run", "--once"]);
+    let mut a = Daemon::spawn(&s.config, &["run", "--once", "--no-lock-dangerous"]);
+    let mut b = Daemon::spawn(&s.config, &["run", "--once", "--no-lock-dangerous"]);
     assert!(
         a.wait_timeout(LONG).expect("first exits").success(),
         "{}",
@@ -718,6 +718,8 @@ fn every_example_config_loads() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "pw\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mut n = 0;
     for e in std::fs::read_dir(manifest_dir().join("config")).unwrap() {
         let p = e.unwrap().path();
