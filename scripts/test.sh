@@ -7,4 +7,6 @@ bash scripts/test-setup.sh
 if [ -f scripts/dovecot-test.sh ]; then
     bash scripts/dovecot-test.sh
 fi
-cargo test --locked --all-targets "$@"
+# failpoints: test-only fault injection (a frozen scheduler, a planted secret leak) that some
+# tests need; release builds never have it.
+cargo test --locked --all-targets --features failpoints "$@"

@@ -158,7 +158,14 @@ pub struct EnqueueArgs {
 
 /// Parses the command line and runs it; returns the process exit status.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; everything else is a usage error (64).
+            return if e.use_stderr() { 64 } else { 0 };
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -202,7 +209,9 @@ async fn dispatch(cli: Cli) -> Result<i32, Error> {
         Command::Demo => demo(&cli.config).await,
         Command::TestSend { to, subject, body } => test_send(&cli.config, to, subject, body).await,
         other => {
-            let cfg = load(&cli.config)?;
+            // These never talk to a server: they work while the secret files are out of reach.
+            let cfg = config::load_with(&cli.config, config::Secrets::Skip)?;
+            telemetry::init(&cfg.log);
             let store = open_store(&cfg.queue.database).await?;
             admin(other, &cfg, &store).await
         }

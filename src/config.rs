@@ -380,14 +380,34 @@ pub struct LogConfig {
 
 /// Reads the path the CLI resolved (`--config` > `$MAILQUEUE_CONFIG` > [`DEFAULT_PATH`]).
 pub fn load(path: &Path) -> Result<Config, Error> {
+    load_with(path, Secrets::Read)
+}
+
+/// Whether the secret files are read. Commands that never talk to a server (status, list,
+/// retry, migrate, ...) must work while the secrets are out of reach, e.g. when systemd hands
+/// them to the running service only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// Read and check `password_file`s.
+    Read,
+    /// Leave them alone; passwords are empty.
+    Skip,
+}
+
+/// [`load`], choosing whether secret files are read.
+pub fn load_with(path: &Path, secrets: Secrets) -> Result<Config, Error> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
         problems: vec![format!("cannot read config file {}: {e}", path.display())],
     })?;
-    parse(&text, path)
+    parse_with(&text, path, secrets)
 }
 
 /// Parses and validates config text; `path` is used in messages only.
 pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
+    parse_with(text, path, Secrets::Read)
+}
+
+fn parse_with(text: &str, path: &Path, secrets: Secrets) -> Result<Config, Error> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let msg = e.message().trim().to_string();
         let problem = match e.span() {
@@ -406,6 +426,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
     })?;
     let mut v = Validator {
         problems: Vec::new(),
+        secrets,
     };
     let cfg = v.config(raw, path);
     match cfg {
@@ -422,9 +443,11 @@ fn read_secret_file(f: &Path) -> Result<String, String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    // Others may not read it, nobody but the owner may change it. Group read stays allowed:
+    // systemd >= 255 hands credentials over as root-owned 0440 files with an ACL.
+    if mode & 0o004 != 0 || mode & 0o022 != 0 {
         return Err(format!(
-            "{} may be read by other users (mode {mode:o}); allow only its owner: chmod 600 {}",
+            "{} may be read or changed by other users (mode {mode:o}); allow only its owner: chmod 600 {}",
             f.display(),
             f.display()
         ));
@@ -538,7 +561,10 @@ fn canonical_name(short: &str) -> Option<String> {
 }
 
 struct Validator {
+    /// Everything wrong so far, each naming its key.
     problems: Vec<String>,
+    /// Whether secret files are read.
+    secrets: Secrets,
 }
 
 impl Validator {
@@ -620,8 +646,20 @@ impl Validator {
                 );
                 None
             }
+            (Some(p), None) if p.is_empty() => {
+                self.bad(&format!("{section}.password"), "is empty");
+                None
+            }
             (Some(p), None) => Some(Secret::new(p)),
+            (None, Some(_)) if self.secrets == Secrets::Skip => Some(Secret::new("")),
             (None, Some(f)) => match read_secret_file(f) {
+                Ok(t) if t.is_empty() => {
+                    self.bad(
+                        &format!("{section}.password_file"),
+                        format!("{} is empty", f.display()),
+                    );
+                    None
+                }
                 Ok(t) => Some(Secret::new(t)),
                 Err(e) => {
                     self.bad(&format!("{section}.password_file"), e);

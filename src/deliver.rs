@@ -136,7 +136,13 @@ async fn step<T>(
     limit: Duration,
     fut: impl std::future::Future<Output = Result<T, lettre::transport::smtp::Error>>,
 ) -> Result<T, Failure> {
-    match tokio::time::timeout(limit, fut).await {
+    let r = tokio::time::timeout(limit, fut).await;
+    tracing::trace!(
+        stage = stage.name(),
+        ok = matches!(r, Ok(Ok(_))),
+        "SMTP step finished."
+    );
+    match r {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Failure {
             stage,
@@ -287,6 +293,14 @@ impl Deliverer {
         }
         if let Some((user, password)) = &s.credentials {
             let creds = Credentials::new(user.clone(), password.reveal().to_string());
+            #[cfg(feature = "failpoints")]
+            if std::env::var("MAILQUEUE_FAILPOINT").as_deref() == Ok("leak-secret") {
+                // A planted leak, so the secrets test can show that its check catches one.
+                use base64::Engine;
+                let plain = format!("\0{user}\0{}", password.reveal());
+                let b64 = base64::engine::general_purpose::STANDARD.encode(plain);
+                tracing::trace!("Failpoint leak-secret: AUTH PLAIN {b64}");
+            }
             let what = format!("SMTP login as {user}");
             match step(
                 Stage::Auth,

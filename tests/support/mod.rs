@@ -1074,7 +1074,20 @@ pub struct Daemon {
 impl Daemon {
     /// Spawns `mailqueue --config CONFIG ARGS...` (e.g. `&["run"]`).
     pub fn spawn<S: AsRef<OsStr>>(config: &Path, args: &[S]) -> Daemon {
-        let mut child = spawn_mailqueue(config, args);
+        Daemon::from_child(spawn_mailqueue(config, args))
+    }
+
+    /// Spawns a prepared command (extra environment, say) as a [`Daemon`].
+    pub fn from_command(mut cmd: Command) -> Daemon {
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mailqueue");
+        Daemon::from_child(child)
+    }
+
+    fn from_child(mut child: Child) -> Daemon {
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let readers = vec![
