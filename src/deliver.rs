@@ -293,8 +293,7 @@ impl Deliverer {
         }
         if let Some((user, password)) = &s.credentials {
             let creds = Credentials::new(user.clone(), password.reveal().to_string());
-            #[cfg(feature = "failpoints")]
-            if std::env::var("MAILQUEUE_FAILPOINT").as_deref() == Ok("leak-secret") {
+            if crate::failpoint::hit("leak-secret") {
                 // A planted leak, so the secrets test can show that its check catches one.
                 use base64::Engine;
                 let plain = format!("\0{user}\0{}", password.reveal());

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod deliver;
 pub mod error;
+pub mod failpoint;
 pub mod message;
 pub mod policy;
 pub mod pop3;

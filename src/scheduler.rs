@@ -321,6 +321,7 @@ impl Worker {
                 .deliverer
                 .send(&self.cfg.sender.envelope_from, &addrs, &composed.bytes)
                 .await;
+            crate::failpoint::crash("crash-after-reply");
             let reply = report.end.as_ref().ok().cloned();
             (policy::judge(&report), reply)
         };
@@ -542,8 +543,7 @@ pub async fn run(
     let mut db_backoff = worker.cfg.queue.poll_interval;
     while !shutdown.is_requested() {
         let poll = worker.cfg.queue.poll_interval;
-        #[cfg(feature = "failpoints")]
-        if std::env::var("MAILQUEUE_FAILPOINT").as_deref() == Ok("freeze-scheduler") {
+        if crate::failpoint::hit("freeze-scheduler") {
             tracing::warn!("Failpoint freeze-scheduler: the scheduler stops here (tests only).");
             std::future::pending::<()>().await;
         }

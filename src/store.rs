@@ -473,6 +473,7 @@ impl Store {
             tx.prepare_cached("INSERT INTO mail_attempt (mail_id, started_at) VALUES (?1, ?2)")?
                 .execute(params![id, now])?;
             claim.attempt_id = tx.last_insert_rowid();
+            crate::failpoint::crash("crash-in-claim");
             claim.settled = {
                 let mut st = tx.prepare_cached(
                     "SELECT address, status FROM mail_recipient WHERE mail_id = ?1 AND status != 'pending'",
