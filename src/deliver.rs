@@ -16,8 +16,9 @@
 //! is sent, not even AUTH); a connection that timed out or broke is dropped, never reused; the
 //! password is only ever passed to lettre's AUTH and never formatted.
 //!
-//! Known limit (see docs): lettre upgrades STARTTLS under its own buffered reader; whether
-//! plaintext injected after the STARTTLS reply is discarded is examined by the reliability work.
+//! STARTTLS is done here, not by lettre (see `open_starttls`): lettre upgrades the socket under
+//! its own buffered reader, which would let plaintext injected after the STARTTLS reply be read
+//! as if it had come over TLS. The TLS stream is then handed to lettre for the rest.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -62,8 +63,10 @@ pub struct Deliverer {
     cfg: Config,
     /// The EHLO name.
     client_id: ClientId,
-    /// TLS parameters (server name, trusted roots), built once.
+    /// TLS parameters (server name, trusted roots) for implicit TLS through lettre, built once.
     tls: Option<TlsParameters>,
+    /// The rustls config for our own STARTTLS step, built once.
+    starttls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// The kept-open session, if any.
     session: Option<Session>,
     /// Where `test-send` wants to see each step.
@@ -74,6 +77,166 @@ pub struct Deliverer {
     /// A failure `prepare` met, reported by the next `send` instead of trying again at once
     /// (a wrong password must not be tried twice per mail: providers lock accounts for that).
     prepared: Option<(Instant, Failure)>,
+}
+
+/// The plaintext phase of a STARTTLS session, read byte by byte (never ahead).
+struct Plain {
+    /// The socket, handed to TLS afterwards.
+    tcp: tokio::net::TcpStream,
+    /// Per-reply timeout.
+    timeout: Duration,
+}
+
+impl Plain {
+    /// Reads one (multi-line) reply within the timeout.
+    async fn reply(&mut self, stage: Stage) -> Result<Reply, Failure> {
+        self.reply_lines(stage).await.map(|(r, _)| r)
+    }
+
+    async fn reply_lines(&mut self, stage: Stage) -> Result<(Reply, Vec<String>), Failure> {
+        use tokio::io::AsyncReadExt;
+        let limit = self.timeout;
+        let read = async {
+            let mut lines = Vec::new();
+            loop {
+                let mut line = Vec::new();
+                loop {
+                    let b = self
+                        .tcp
+                        .read_u8()
+                        .await
+                        .map_err(|e| Problem::Io(e.to_string()))?;
+                    line.push(b);
+                    if b == b'\n' {
+                        break;
+                    }
+                    if line.len() > 4096 {
+                        return Err(Problem::Client(
+                            "a reply line longer than 4096 bytes".into(),
+                        ));
+                    }
+                }
+                let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                let code: Option<u16> = text.get(..3).and_then(|c| c.parse().ok());
+                let Some(code) = code else {
+                    return Err(Problem::Client(format!("not an SMTP reply: {text:?}")));
+                };
+                let last = text.as_bytes().get(3) != Some(&b'-');
+                lines.push(text.get(4..).unwrap_or("").to_string());
+                if last {
+                    return Ok((Reply::new(code, &lines.join("\n")), lines));
+                }
+                if lines.len() > 100 {
+                    return Err(Problem::Client("a reply of more than 100 lines".into()));
+                }
+            }
+        };
+        match tokio::time::timeout(limit, read).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(problem)) => Err(Failure { stage, problem }),
+            Err(_) => Err(Failure {
+                stage,
+                problem: Problem::Timeout(limit.as_secs()),
+            }),
+        }
+    }
+
+    /// Sends a command line and reads its reply (with all its lines).
+    async fn command(&mut self, stage: Stage, line: &str) -> Result<(Reply, Vec<String>), Failure> {
+        use tokio::io::AsyncWriteExt;
+        let bytes = format!("{line}\r\n");
+        match tokio::time::timeout(self.timeout, self.tcp.write_all(bytes.as_bytes())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Failure {
+                    stage,
+                    problem: Problem::Io(e.to_string()),
+                })
+            }
+            Err(_) => {
+                return Err(Failure {
+                    stage,
+                    problem: Problem::Timeout(self.timeout.as_secs()),
+                })
+            }
+        }
+        self.reply_lines(stage).await
+    }
+
+    /// Whether bytes are already waiting on the socket (checked without waiting).
+    async fn pending(&self) -> bool {
+        let mut buf = [0u8; 1];
+        futures::future::poll_fn(|cx| {
+            let mut rb = tokio::io::ReadBuf::new(&mut buf);
+            match self.tcp.poll_peek(cx, &mut rb) {
+                std::task::Poll::Ready(Ok(n)) => std::task::Poll::Ready(n > 0),
+                std::task::Poll::Ready(Err(_)) | std::task::Poll::Pending => {
+                    std::task::Poll::Ready(false)
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// What lettre reads first on the TLS stream we hand it (there is no greeting after STARTTLS).
+const GREETING_AFTER_TLS: &[u8] = b"220 TLS established\r\n";
+
+/// A TLS stream that first yields a synthetic greeting, so lettre's connect (which reads a
+/// greeting, then sends EHLO) can take over an already-upgraded session.
+#[derive(Debug)]
+struct Greeted {
+    /// The synthetic greeting.
+    greeting: &'static [u8],
+    /// How much of it was read.
+    at: usize,
+    /// The TLS session.
+    inner: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+}
+
+impl tokio::io::AsyncRead for Greeted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.at < self.greeting.len() {
+            let n = buf.remaining().min(self.greeting.len() - self.at);
+            let from = self.at;
+            buf.put_slice(&self.greeting[from..from + n]);
+            self.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Greeted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl lettre::transport::smtp::client::AsyncTokioStream for Greeted {
+    fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.get_ref().0.peer_addr()
+    }
 }
 
 /// Joins an error with its sources into one line (lettre puts the server text in the source).
@@ -190,10 +353,23 @@ impl Deliverer {
         } else {
             None
         };
+        let starttls =
+            if cfg.smtp.transport == TransportKind::Smtp && cfg.smtp.tls == TlsMode::StartTls {
+                Some(
+                    crate::net::client_config(cfg.smtp.ca_file.as_deref()).map_err(|e| {
+                        Error::Config {
+                            problems: vec![format!("smtp.ca_file: {e}")],
+                        }
+                    })?,
+                )
+            } else {
+                None
+            };
         Ok(Deliverer {
             cfg: cfg.clone(),
             client_id: ClientId::Domain(cfg.sender.local_hostname.clone()),
             tls,
+            starttls,
             session: None,
             progress: None,
             pop_login: None,
@@ -235,62 +411,44 @@ impl Deliverer {
     /// Opens a session: connect (implicit TLS), greeting, EHLO, STARTTLS + EHLO, AUTH.
     async fn open(&self) -> Result<Session, Failure> {
         let s = &self.cfg.smtp;
-        let implicit = if s.tls == TlsMode::Tls {
-            self.tls.clone()
+        let mut conn = if s.tls == TlsMode::StartTls {
+            self.open_starttls().await?
         } else {
-            None
-        };
-        let what = format!(
-            "connect to {}{}",
-            self.server(),
-            if implicit.is_some() { " (TLS)" } else { "" }
-        );
-        // lettre's own timeout covers the TCP connect only; ours covers the TLS handshake,
-        // the greeting and EHLO too.
-        let connect = AsyncSmtpConnection::connect_tokio1(
-            (s.host.as_str(), s.port),
-            Some(s.timeout),
-            &self.client_id,
-            implicit,
-            s.source_address,
-        );
-        // TCP connect (lettre's timeout) plus TLS handshake, greeting and EHLO (ours).
-        let mut conn = match step(Stage::Connect, s.timeout * 2, connect).await {
-            Ok(c) => c,
-            Err(mut f) => {
-                if let Problem::Reply(_) = f.problem {
-                    f.stage = Stage::Greeting;
+            let implicit = if s.tls == TlsMode::Tls {
+                self.tls.clone()
+            } else {
+                None
+            };
+            let what = format!(
+                "connect to {}{}",
+                self.server(),
+                if implicit.is_some() { " (TLS)" } else { "" }
+            );
+            let connect = AsyncSmtpConnection::connect_tokio1(
+                (s.host.as_str(), s.port),
+                Some(s.timeout),
+                &self.client_id,
+                implicit,
+                s.source_address,
+            );
+            // TCP connect (lettre's timeout) plus TLS handshake, greeting and EHLO (ours).
+            match step(Stage::Connect, s.timeout * 2, connect).await {
+                Ok(c) => {
+                    self.report_step(what, Ok("connected".into()));
+                    c
                 }
-                if let Problem::Connect(d) = &f.problem {
-                    f.problem = Problem::Connect(format!("{}: {d}", self.server()));
+                Err(mut f) => {
+                    if let Problem::Reply(_) = f.problem {
+                        f.stage = Stage::Greeting;
+                    }
+                    if let Problem::Connect(d) = &f.problem {
+                        f.problem = Problem::Connect(format!("{}: {d}", self.server()));
+                    }
+                    self.report_step(what, Err(self.describe(&f)));
+                    return Err(f);
                 }
-                self.report_step(what, Err(self.describe(&f)));
-                return Err(f);
             }
         };
-        self.report_step(what, Ok("connected".into()));
-        if s.tls == TlsMode::StartTls {
-            if !conn.server_info().supports_feature(Extension::StartTls) {
-                self.report_step("STARTTLS", Err("not offered by the server".into()));
-                conn.abort().await;
-                return Err(Failure {
-                    stage: Stage::Ehlo,
-                    problem: Problem::NoStartTls,
-                });
-            }
-            let params = self.tls.clone().expect("tls parameters exist for starttls");
-            if let Err(f) = step(
-                Stage::StartTls,
-                s.timeout,
-                conn.starttls(params, &self.client_id),
-            )
-            .await
-            {
-                self.report_step("STARTTLS", Err(self.describe(&f)));
-                return Err(f);
-            }
-            self.report_step("STARTTLS", Ok("encrypted".into()));
-        }
         if let Some((user, password)) = &s.credentials {
             let creds = Credentials::new(user.clone(), password.reveal().to_string());
             if crate::failpoint::hit("leak-secret") {
@@ -321,6 +479,150 @@ impl Deliverer {
             last_used: Instant::now(),
             transactions: 0,
         })
+    }
+
+    /// Connects, reads the greeting, sends EHLO and STARTTLS over plaintext ourselves, then hands
+    /// the TLS stream to lettre. Done here rather than by lettre because lettre upgrades the
+    /// socket under its own buffered reader: plaintext a server (or a man in the middle) sends
+    /// in the same packet as its STARTTLS reply would be read after the handshake as if it had
+    /// come encrypted ("STARTTLS response injection"). We read the plaintext phase byte by byte,
+    /// so nothing is read ahead, and refuse if anything follows the 220 reply.
+    async fn open_starttls(&self) -> Result<AsyncSmtpConnection, Failure> {
+        let s = &self.cfg.smtp;
+        let what = format!("connect to {}", self.server());
+        let fail = |f: Failure, step: &str| {
+            self.report_step(step.to_string(), Err(self.describe(&f)));
+            f
+        };
+        let tcp = match crate::net::connect(&s.host, s.port, s.source_address, s.timeout).await {
+            Ok(t) => t,
+            Err(crate::net::ConnectError::Timeout) => {
+                return Err(fail(
+                    Failure {
+                        stage: Stage::Connect,
+                        problem: Problem::Timeout(s.timeout.as_secs()),
+                    },
+                    &what,
+                ))
+            }
+            Err(crate::net::ConnectError::Failed(d)) => {
+                let f = Failure {
+                    stage: Stage::Connect,
+                    problem: Problem::Connect(format!("{}: {d}", self.server())),
+                };
+                return Err(fail(f, &what));
+            }
+        };
+        let mut plain = Plain {
+            tcp,
+            timeout: s.timeout,
+        };
+        let greeting = plain
+            .reply(Stage::Greeting)
+            .await
+            .map_err(|f| fail(f, &what))?;
+        if greeting.code != 220 {
+            let f = Failure {
+                stage: Stage::Greeting,
+                problem: Problem::Reply(greeting),
+            };
+            return Err(fail(f, &what));
+        }
+        let (code, ehlo) = plain
+            .command(
+                Stage::Ehlo,
+                &format!("EHLO {}", self.cfg.sender.local_hostname),
+            )
+            .await
+            .map_err(|f| fail(f, &what))?;
+        if code.class() != 2 {
+            return Err(fail(
+                Failure {
+                    stage: Stage::Ehlo,
+                    problem: Problem::Reply(code),
+                },
+                &what,
+            ));
+        }
+        self.report_step(what, Ok("connected".into()));
+        let offers_starttls = ehlo.iter().skip(1).any(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|k| k.eq_ignore_ascii_case("STARTTLS"))
+        });
+        if !offers_starttls {
+            self.report_step("STARTTLS", Err("not offered by the server".into()));
+            let _ = plain.command(Stage::Ehlo, "QUIT").await;
+            return Err(Failure {
+                stage: Stage::Ehlo,
+                problem: Problem::NoStartTls,
+            });
+        }
+        let (reply, _) = plain
+            .command(Stage::StartTls, "STARTTLS")
+            .await
+            .map_err(|f| fail(f, "STARTTLS"))?;
+        if reply.code != 220 {
+            return Err(fail(
+                Failure {
+                    stage: Stage::StartTls,
+                    problem: Problem::Reply(reply),
+                },
+                "STARTTLS",
+            ));
+        }
+        if plain.pending().await {
+            let f = Failure {
+                stage: Stage::StartTls,
+                problem: Problem::Tls("the server sent more data right after its STARTTLS reply (STARTTLS response injection?); the connection was dropped before TLS, nothing was sent".into()),
+            };
+            return Err(fail(f, "STARTTLS"));
+        }
+        let config = self.starttls.clone().expect("built for tls = starttls");
+        let name = rustls::pki_types::ServerName::try_from(s.host.clone()).map_err(|e| {
+            fail(
+                Failure {
+                    stage: Stage::StartTls,
+                    problem: Problem::Tls(format!("{} is not a TLS server name: {e}", s.host)),
+                },
+                "STARTTLS",
+            )
+        })?;
+        let handshake = tokio_rustls::TlsConnector::from(config).connect(name, plain.tcp);
+        let tls = match tokio::time::timeout(s.timeout, handshake).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                return Err(fail(
+                    Failure {
+                        stage: Stage::StartTls,
+                        problem: Problem::Tls(e.to_string()),
+                    },
+                    "STARTTLS",
+                ))
+            }
+            Err(_) => {
+                return Err(fail(
+                    Failure {
+                        stage: Stage::StartTls,
+                        problem: Problem::Timeout(s.timeout.as_secs()),
+                    },
+                    "STARTTLS",
+                ))
+            }
+        };
+        self.report_step("STARTTLS", Ok("encrypted".into()));
+        // lettre reads a greeting first, then sends the EHLO RFC 3207 requires after TLS.
+        let stream = Greeted {
+            greeting: GREETING_AFTER_TLS,
+            at: 0,
+            inner: tls,
+        };
+        step(
+            Stage::Ehlo,
+            s.timeout,
+            AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.client_id),
+        )
+        .await
     }
 
     /// Sends one mail to `rcpts` (the recipients still pending). Never fails: everything that

@@ -21,6 +21,7 @@ pub mod deliver;
 pub mod error;
 pub mod failpoint;
 pub mod message;
+pub mod net;
 pub mod policy;
 pub mod pop3;
 pub mod rate;

@@ -27,14 +27,14 @@
 
 use std::fmt;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use md5::{Digest, Md5};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsConnector;
 
@@ -579,86 +579,25 @@ fn validate(s: &PopSettings) -> Result<(), PopError> {
     Ok(())
 }
 
-/// The rustls client config: webpki roots, or only the CAs in `ca_file`; ring as the provider.
+/// The TLS client config for `s` (its `ca_file`, or the webpki roots).
 async fn tls_config(s: &PopSettings) -> Result<Arc<rustls::ClientConfig>, PopError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &s.ca_file {
-        Some(path) => {
-            let tls = |detail: String| PopError::Tls { detail };
-            let pem = tokio::fs::read(path)
-                .await
-                .map_err(|e| tls(format!("cannot read ca_file {}: {e}", path.display())))?;
-            let mut n = 0;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert =
-                    cert.map_err(|e| tls(format!("bad PEM in ca_file {}: {e}", path.display())))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| tls(format!("bad CA in ca_file {}: {e}", path.display())))?;
-                n += 1;
-            }
-            if n == 0 {
-                return Err(tls(format!(
-                    "no certificates in ca_file {}",
-                    path.display()
-                )));
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| PopError::Tls {
-            detail: e.to_string(),
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
+    crate::net::client_config(s.ca_file.as_deref()).map_err(|detail| PopError::Tls { detail })
 }
 
 /// Resolves the host and connects (from `source_address` when set), all within the timeout.
 async fn connect(s: &PopSettings, server: &str) -> Result<TcpStream, PopError> {
-    let fail = |detail: String| PopError::Connect {
-        server: server.to_string(),
-        detail,
-    };
-    bounded(s.timeout, "connect", async {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((s.host.as_str(), s.port))
-            .await
-            .map_err(|e| fail(format!("cannot resolve {}: {e}", s.host)))?
-            .filter(|a| {
-                s.source_address
-                    .is_none_or(|src| src.is_ipv4() == a.is_ipv4())
-            })
-            .collect();
-        if addrs.is_empty() {
-            return Err(fail(match s.source_address {
-                Some(src) => format!("{} has no address of the same family as {src}", s.host),
-                None => format!("{} has no address", s.host),
-            }));
-        }
-        let mut last = String::new();
-        for addr in addrs {
-            let socket = if addr.is_ipv4() {
-                TcpSocket::new_v4()
-            } else {
-                TcpSocket::new_v6()
-            }
-            .map_err(|e| fail(e.to_string()))?;
-            if let Some(src) = s.source_address {
-                socket
-                    .bind(SocketAddr::new(src, 0))
-                    .map_err(|e| fail(format!("cannot bind source address {src}: {e}")))?;
-            }
-            match socket.connect(addr).await {
-                Ok(tcp) => return Ok(tcp),
-                Err(e) => last = format!("{addr}: {e}"),
-            }
-        }
-        Err(fail(last))
-    })
-    .await
+    crate::net::connect(&s.host, s.port, s.source_address, s.timeout)
+        .await
+        .map_err(|e| match e {
+            crate::net::ConnectError::Timeout => PopError::Timeout {
+                step: "connect",
+                secs: secs(s.timeout),
+            },
+            crate::net::ConnectError::Failed(detail) => PopError::Connect {
+                server: server.to_string(),
+                detail,
+            },
+        })
 }
 
 /// The TLS handshake over `io`, within the timeout.
