@@ -37,6 +37,7 @@ fn claim() -> Claim {
         send_after: None,
         settled: vec![],
         while_paused: false,
+        doubts_before: 0,
     }
 }
 

@@ -158,6 +158,10 @@ pub struct EnqueueArgs {
 
 /// Parses the command line and runs it; returns the process exit status.
 pub fn main() -> i32 {
+    // A bug must still end in one line that says so, not a backtrace an admin cannot use.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("mailqueue: internal error (please report it): {info}");
+    }));
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -323,13 +327,15 @@ async fn recover(store: &Store, cfg: &Config, exclusive: bool) -> Result<(), Err
         tracing::info!("Another mailqueue process is delivering from this queue; rows in 'sending' are left to it.");
         return Ok(());
     }
+    let hold = cfg.queue.on_doubt == crate::policy::OnDoubt::Hold;
     let text = Error::InDoubt {
         detail: "mailqueue stopped during the delivery".into(),
+        held: hold,
     }
     .text(cfg.log.error_language);
-    let ids = store.recover_sending(text).await?;
+    let ids = store.recover_sending(text, hold).await?;
     if !ids.is_empty() {
-        tracing::warn!(mail_ids = ?ids, "Rows left 'sending' by a previous run are queued again; they may have been delivered (in doubt).");
+        tracing::warn!(mail_ids = ?ids, "Rows left 'sending' by a previous run may have been delivered (in doubt): queued again, or held with on_doubt = \"hold\".");
     }
     Ok(())
 }

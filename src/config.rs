@@ -101,6 +101,9 @@ struct RawQueue {
     keep_failed: Option<String>,
     /// How often old rows are purged and the file checkpointed. Default "10m".
     housekeeping_interval: Option<String>,
+    /// A mail that may have gone out (no reply after the final "."): "resend" it once with the
+    /// same Message-ID (default), or "hold" it for an operator.
+    on_doubt: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -272,6 +275,8 @@ pub struct QueueConfig {
     pub keep_failed: Duration,
     /// How often housekeeping runs.
     pub housekeeping_interval: Duration,
+    /// What an in-doubt attempt leads to.
+    pub on_doubt: crate::policy::OnDoubt,
 }
 
 /// `[sender]`.
@@ -787,6 +792,15 @@ impl Validator {
                 "queue.housekeeping_interval",
                 q.housekeeping_interval,
                 "10m",
+            ),
+            on_doubt: self.word(
+                "queue.on_doubt",
+                q.on_doubt,
+                crate::policy::OnDoubt::Resend,
+                &[
+                    ("resend", crate::policy::OnDoubt::Resend),
+                    ("hold", crate::policy::OnDoubt::Hold),
+                ],
             ),
         }
     }

@@ -871,6 +871,17 @@ impl Deliverer {
         )
         .await
         .map(|r| reply_of(&r));
+        // A write that broke (the server hung up while the message was still being sent) means
+        // the final "." never reached it: a plain retry, not a doubt.
+        if let Err(Failure {
+            stage,
+            problem: Problem::Io(t),
+        }) = &mut out.end
+        {
+            if t.to_ascii_lowercase().contains("broken pipe") {
+                *stage = Stage::Data;
+            }
+        }
         session.transactions += 1;
         self.finish(session, &out).await;
         out

@@ -221,7 +221,7 @@ pub enum Error {
     Protocol { stage: Stage, detail: String },
     /// The message was handed over but the server's final reply never came: it may have gone out.
     #[error("in_doubt")]
-    InDoubt { detail: String },
+    InDoubt { detail: String, held: bool },
 
     // ----- delivery: the row itself -----
     /// An address in the row cannot be used.
@@ -484,12 +484,20 @@ impl Error {
                     )
                 }
             }
-            Error::InDoubt { detail } => {
-                if ja {
+            Error::InDoubt { detail, held } => {
+                let mut t = if ja {
                     format!("メール送信後にサーバーの応答がありませんでした。送信済みの可能性があります ({detail})")
                 } else {
                     format!("No reply after the message was sent; it may have been delivered ({detail})")
+                };
+                if *held {
+                    t += if ja {
+                        "。担当者の確認待ちです (再送: mailqueue retry、取消: mailqueue cancel)"
+                    } else {
+                        "; held for an operator (mailqueue retry sends it again, mailqueue cancel drops it)"
+                    };
                 }
+                t
             }
             Error::InvalidAddress {
                 column,

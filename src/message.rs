@@ -240,6 +240,7 @@ mod tests {
             send_after: None,
             settled: vec![],
             while_paused: false,
+            doubts_before: 0,
         }
     }
 

@@ -440,7 +440,13 @@ pub fn judge(report: &Report) -> Verdict {
                 Problem::Io(d) => d.clone(),
                 _ => unreachable!(),
             };
-            (Outcome::InDoubt, Some(Error::InDoubt { detail }))
+            (
+                Outcome::InDoubt,
+                Some(Error::InDoubt {
+                    detail,
+                    held: false,
+                }),
+            )
         }
         Err(f) if f.problem == Problem::NoRecipientAccepted => {
             if let Some(e) = account {
@@ -471,6 +477,27 @@ pub fn judge(report: &Report) -> Verdict {
     }
 }
 
+/// What to do with a mail that may have gone out (`[queue] on_doubt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDoubt {
+    /// Send it again once, with the same Message-ID (a duplicate the recipient can recognise
+    /// beats a lost mail); a second doubt in a row holds it.
+    Resend,
+    /// Hold it for an operator (`mailqueue retry` or `cancel`).
+    Hold,
+}
+
+/// The retry rules from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    /// `[queue] retry_backoff`.
+    pub backoff: &'a [Duration],
+    /// `[queue] message_lifetime`.
+    pub lifetime: Duration,
+    /// `[queue] on_doubt`.
+    pub on_doubt: OnDoubt,
+}
+
 /// The retry-relevant facts of a row, read by the store at claim time.
 #[derive(Debug, Clone)]
 pub struct RowFacts {
@@ -484,6 +511,8 @@ pub struct RowFacts {
     pub any_accepted: bool,
     /// Whether any recipient is still pending after this attempt.
     pub any_pending: bool,
+    /// Earlier attempts of this mail that ended in doubt.
+    pub doubts_before: u32,
 }
 
 /// What happens to the row after an attempt.
@@ -497,6 +526,8 @@ pub enum Settlement {
     Failed(Error),
     /// Back to `queued` at its old due time; the attempt is not counted; the queue pauses.
     Paused(Error),
+    /// `held` for an operator: it may have gone out, and it is not to be sent again blindly.
+    Held(Error),
 }
 
 /// Applies attempts, lifetime and back-off to a verdict. `test_mail` is a row whose own
@@ -505,10 +536,10 @@ pub fn settle(
     verdict: &Verdict,
     facts: &RowFacts,
     now: SystemTime,
-    backoff: &[Duration],
-    lifetime: Duration,
+    rules: &Rules<'_>,
     test_mail: bool,
 ) -> Settlement {
+    let (backoff, lifetime) = (rules.backoff, rules.lifetime);
     let error = verdict.error.clone();
     let refused: Vec<(String, Reply)> = verdict
         .rcpts
@@ -549,6 +580,13 @@ pub fn settle(
             } else {
                 Settlement::Paused(e)
             }
+        }
+        Outcome::InDoubt if rules.on_doubt == OnDoubt::Hold || facts.doubts_before >= 1 => {
+            let detail = match error {
+                Some(Error::InDoubt { detail, .. }) => detail,
+                _ => String::new(),
+            };
+            Settlement::Held(Error::InDoubt { detail, held: true })
         }
         Outcome::Retry | Outcome::InDoubt => {
             let e = error.unwrap_or(Error::InvalidRow {
@@ -858,6 +896,7 @@ mod tests {
             born: SystemTime::UNIX_EPOCH,
             any_accepted: false,
             any_pending: true,
+            doubts_before: 0,
         }
     }
 
@@ -872,6 +911,50 @@ mod tests {
         }
     }
 
+    fn rules(steps: &[Duration], lifetime: Duration) -> Rules<'_> {
+        Rules {
+            backoff: steps,
+            lifetime,
+            on_doubt: OnDoubt::Resend,
+        }
+    }
+
+    #[test]
+    fn a_doubt_is_resent_once_then_held_or_held_at_once() {
+        let v = Verdict {
+            outcome: Outcome::InDoubt,
+            error: Some(Error::InDoubt {
+                detail: "no reply within 600 s".into(),
+                held: false,
+            }),
+            rcpts: vec![],
+        };
+        let steps = [Duration::from_secs(60)];
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10);
+        let long = Duration::from_secs(86400);
+        assert!(matches!(
+            settle(&v, &facts(1, 5), now, &rules(&steps, long), false),
+            Settlement::Retry(..)
+        ));
+        let mut again = facts(2, 5);
+        again.doubts_before = 1;
+        match settle(&v, &again, now, &rules(&steps, long), false) {
+            Settlement::Held(e) => assert!(e
+                .text(crate::error::Lang::En)
+                .contains("held for an operator")),
+            s => panic!("{s:?}"),
+        }
+        let hold = Rules {
+            backoff: &steps,
+            lifetime: long,
+            on_doubt: OnDoubt::Hold,
+        };
+        assert!(matches!(
+            settle(&v, &facts(1, 5), now, &hold, false),
+            Settlement::Held(_)
+        ));
+    }
+
     #[test]
     fn backoff_follows_the_steps_and_repeats_the_last() {
         let steps = [Duration::from_secs(60), Duration::from_secs(300)];
@@ -883,8 +966,7 @@ mod tests {
             &retry_verdict(),
             &facts(2, 5),
             now,
-            &steps,
-            Duration::from_secs(86400),
+            &rules(&steps, Duration::from_secs(86400)),
             false,
         );
         assert_eq!(
@@ -904,8 +986,7 @@ mod tests {
             &retry_verdict(),
             &facts(5, 5),
             now,
-            &steps,
-            Duration::from_secs(86400),
+            &rules(&steps, Duration::from_secs(86400)),
             false,
         ) {
             Settlement::Failed(e) => assert_eq!(e.code(), "attempts_exhausted"),
@@ -915,8 +996,7 @@ mod tests {
             &retry_verdict(),
             &facts(1, 5),
             now,
-            &steps,
-            Duration::from_secs(1000),
+            &rules(&steps, Duration::from_secs(1000)),
             false,
         ) {
             Settlement::Failed(e) => assert_eq!(e.code(), "expired"),
@@ -937,11 +1017,23 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH;
         let steps = [Duration::from_secs(60)];
         assert!(matches!(
-            settle(&v, &facts(1, 1), now, &steps, Duration::MAX / 4, false),
+            settle(
+                &v,
+                &facts(1, 1),
+                now,
+                &rules(&steps, Duration::MAX / 4),
+                false
+            ),
             Settlement::Paused(_)
         ));
         assert!(matches!(
-            settle(&v, &facts(1, 1), now, &steps, Duration::MAX / 4, true),
+            settle(
+                &v,
+                &facts(1, 1),
+                now,
+                &rules(&steps, Duration::MAX / 4),
+                true
+            ),
             Settlement::Failed(_)
         ));
     }
@@ -955,8 +1047,7 @@ mod tests {
             &retry_verdict(),
             &f,
             now,
-            &[Duration::from_secs(1)],
-            Duration::from_secs(9999),
+            &rules(&[Duration::from_secs(1)], Duration::from_secs(9999)),
             false,
         ) {
             Settlement::Sent(Some(e)) => assert_eq!(e.code(), "partly_refused"),

@@ -341,13 +341,18 @@ impl Worker {
             born,
             any_accepted,
             any_pending,
+            doubts_before: claim.doubts_before,
+        };
+        let rules = policy::Rules {
+            backoff: &self.cfg.queue.retry_backoff,
+            lifetime,
+            on_doubt: self.cfg.queue.on_doubt,
         };
         let settlement = policy::settle(
             &verdict,
             &facts,
             SystemTime::now(),
-            &self.cfg.queue.retry_backoff,
-            lifetime,
+            &rules,
             test_mail || !allow_pause,
         );
 
@@ -356,6 +361,7 @@ impl Worker {
             Settlement::Retry(at, e) => ("queued", Some(*at), Some(e.clone()), true),
             Settlement::Failed(e) => ("failed", None, Some(e.clone()), true),
             Settlement::Paused(e) => ("queued", None, Some(e.clone()), false),
+            Settlement::Held(e) => ("held", None, Some(e.clone()), true),
         };
         let ends = status != "queued";
         let mut rcpts: Vec<(String, &'static str, Fate, String)> = verdict
@@ -554,10 +560,7 @@ pub async fn run(
             }
         }
         let due = match store.has_due(SystemTime::now()).await {
-            Ok(d) => {
-                db_backoff = poll;
-                d
-            }
+            Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e.text(Lang::En), retry_in_ms = db_backoff.as_millis() as u64, "Cannot read the queue database; trying again.");
                 hb.promise(db_backoff + HEARTBEAT_SLACK);
@@ -567,6 +570,7 @@ pub async fn run(
             }
         };
         if !due {
+            db_backoff = poll;
             if opts.once {
                 break;
             }
@@ -582,11 +586,18 @@ pub async fn run(
             .claim(SystemTime::now(), worker.msgid_domain.clone())
             .await
         {
-            Ok(Some(c)) => c,
+            Ok(Some(c)) => {
+                db_backoff = poll;
+                c
+            }
             Ok(None) => continue,
             Err(e) => {
-                tracing::error!(error = %e.text(Lang::En), "Cannot claim a row from the queue database; trying again.");
+                // A full disk or a read-only file: back off (growing) until writes work again.
+                tracing::error!(error = %e.text(Lang::En), retry_in_ms = db_backoff.as_millis() as u64,
+                    "Cannot claim a row from the queue database; trying again.");
+                hb.promise(db_backoff + HEARTBEAT_SLACK);
                 shutdown.sleep(db_backoff).await;
+                db_backoff = (db_backoff * 2).min(Duration::from_secs(30));
                 continue;
             }
         };

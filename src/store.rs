@@ -187,6 +187,8 @@ pub struct Claim {
     pub settled: Vec<(String, String)>,
     /// Whether the queue was paused when this row was claimed (it is a probe or a test mail).
     pub while_paused: bool,
+    /// Earlier attempts that ended in doubt (the mail may have gone out).
+    pub doubts_before: u32,
 }
 
 /// What the row becomes after an attempt (already decided by `policy`, texts already written).
@@ -306,16 +308,20 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, Error> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.is_dir() {
-                return Err(Error::Database {
-                    detail: format!(
-                        "the directory {} of the queue file does not exist",
+                return Err(Error::Config {
+                    problems: vec![format!(
+                        "queue.database: the directory {} does not exist",
                         dir.display()
-                    ),
+                    )],
                 });
             }
         }
-        let mut conn = Connection::open(path)
-            .map_err(|e| Error::db(format!("cannot open {}: {e}", path.display())))?;
+        let mut conn = Connection::open(path).map_err(|e| Error::Config {
+            problems: vec![format!(
+                "queue.database: cannot open {}: {e}",
+                path.display()
+            )],
+        })?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -364,7 +370,8 @@ impl Store {
     /// Puts rows left in `sending` by a crash back to `queued`, due now; their open attempt is
     /// recorded as `in_doubt` (the mail may have gone out). Only safe when no other process is
     /// delivering from this file (the caller holds the exclusive run lock).
-    pub async fn recover_sending(&self, text: String) -> Result<Vec<i64>, Error> {
+    pub async fn recover_sending(&self, text: String, hold: bool) -> Result<Vec<i64>, Error> {
+        let status = if hold { "held" } else { "queued" };
         self.call(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now = now_ts();
@@ -380,10 +387,10 @@ impl Store {
                     params![id, now, text],
                 )?;
                 tx.execute(
-                    "UPDATE mail_queue SET status = 'queued', next_attempt_at = ?2, updated_at = ?2,
+                    "UPDATE mail_queue SET status = ?4, next_attempt_at = ?2, updated_at = ?2,
                             last_error = ?3, error_code = 'in_doubt'
                      WHERE id = ?1",
-                    params![id, now, text],
+                    params![id, now, text, status],
                 )?;
             }
             tx.commit()?;
@@ -448,6 +455,7 @@ impl Store {
                     send_after: r.get(12)?,
                     settled: vec![],
                     while_paused: paused,
+                    doubts_before: 0,
                 })
             });
             let mut claim = match claim {
@@ -473,6 +481,9 @@ impl Store {
             tx.prepare_cached("INSERT INTO mail_attempt (mail_id, started_at) VALUES (?1, ?2)")?
                 .execute(params![id, now])?;
             claim.attempt_id = tx.last_insert_rowid();
+            claim.doubts_before = tx
+                .prepare_cached("SELECT count(*) FROM mail_attempt WHERE mail_id = ?1 AND outcome = 'in_doubt'")?
+                .query_row(params![id], |r| r.get(0))?;
             crate::failpoint::crash("crash-in-claim");
             claim.settled = {
                 let mut st = tx.prepare_cached(
@@ -525,6 +536,7 @@ impl Store {
                         send_after: r.get(12)?,
                         settled: vec![],
                         while_paused: false,
+                        doubts_before: 0,
                     })
                 },
             )?;
@@ -1050,11 +1062,11 @@ fn migrate_with(conn: &mut Connection, path: &Path, migrations: &[&str]) -> Resu
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let latest = migrations.len() as i64;
     if current > latest {
-        return Err(Error::Database {
-            detail: format!(
-                "{} has schema version {current}, newer than this mailqueue knows ({latest}); upgrade mailqueue",
+        return Err(Error::Config {
+            problems: vec![format!(
+                "queue.database: {} has schema version {current}, newer than this mailqueue knows ({latest}); upgrade mailqueue",
                 path.display()
-            ),
+            )],
         });
     }
     if current == latest {
@@ -1227,7 +1239,9 @@ mod tests {
             .pragma_update(None, "user_version", 99)
             .unwrap();
         match Store::open(&p) {
-            Err(Error::Database { detail }) => assert!(detail.contains("newer"), "{detail}"),
+            Err(Error::Config { problems }) => {
+                assert!(problems[0].contains("newer"), "{problems:?}")
+            }
             other => panic!("{:?}", other.err()),
         }
     }

@@ -910,3 +910,54 @@ fn broken_rows_fail_with_a_reason_and_the_others_still_go() {
     assert_eq!(db.status(good), "sent");
     assert_eq!(sink.wait_for_messages(1, LONG).len(), 1);
 }
+
+/// No reply after the final "." (smtp-sink hangs up there): the mail may have gone out.
+#[test]
+fn a_mail_without_a_final_reply_is_resent_once_then_held() {
+    let sink = SmtpSink::start(&["-q", "."]);
+    let s = Setup::new(sink.port, set("retry_backoff", "[\"1s\"]"));
+    let db = s.db();
+    let id = db.insert("a@example.com", "in doubt", "x");
+    let mut daemon = Daemon::spawn(&s.config, &["run"]);
+    let row = db.wait_for_status(id, "held", LONG);
+    daemon.terminate(LONG);
+    assert_eq!(row["error_code"], "in_doubt", "{row}");
+    assert!(
+        row["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("held for an operator"),
+        "{row}"
+    );
+    let outcomes: Vec<String> = db
+        .rows_with(
+            "SELECT outcome FROM mail_attempt WHERE mail_id = ?1 ORDER BY id",
+            [id],
+        )
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec!["in_doubt", "in_doubt"],
+        "resent once, then held"
+    );
+    // An operator settles it.
+    assert!(s.run(&["cancel", &id.to_string()]).status.success());
+    assert_eq!(db.status(id), "cancelled");
+}
+
+#[test]
+fn with_on_doubt_hold_the_first_doubt_waits_for_an_operator() {
+    let sink = SmtpSink::start(&["-q", "."]);
+    let s = Setup::new(sink.port, |t| {
+        t.replace("[queue]\n", "[queue]\non_doubt = \"hold\"\n")
+    });
+    let db = s.db();
+    let id = db.insert("a@example.com", "in doubt", "x");
+    s.once();
+    assert_eq!(db.status(id), "held");
+    assert_eq!(db.query_one::<i64>("SELECT count(*) FROM mail_attempt"), 1);
+    assert!(s.run(&["retry", &id.to_string()]).status.success());
+    assert_eq!(db.status(id), "queued");
+}
