@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
+use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::commands::{Data, Mail, Quit, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailParameter};
 use lettre::transport::smtp::response::Response;
@@ -63,10 +63,8 @@ pub struct Deliverer {
     cfg: Config,
     /// The EHLO name.
     client_id: ClientId,
-    /// TLS parameters (server name, trusted roots) for implicit TLS through lettre, built once.
-    tls: Option<TlsParameters>,
-    /// The rustls config for our own STARTTLS step, built once.
-    starttls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// The rustls config (trusted roots: `ca_file` or the public ones), built once.
+    rustls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// The kept-open session, if any.
     session: Option<Session>,
     /// Where `test-send` wants to see each step.
@@ -79,21 +77,19 @@ pub struct Deliverer {
     prepared: Option<(Instant, Failure)>,
 }
 
-/// The plaintext phase of a STARTTLS session, read byte by byte (never ahead).
-struct Plain {
-    /// The socket, handed to TLS afterwards.
-    tcp: tokio::net::TcpStream,
+/// The opening of a session (greeting, EHLO, STARTTLS), read byte by byte so nothing is ever
+/// read ahead of the reply in hand: what follows stays on the socket, where TLS (or lettre) finds
+/// it, or where a STARTTLS injection is detected.
+struct Plain<S> {
+    /// The stream (TCP, or TLS for implicit TLS), handed on afterwards.
+    io: S,
     /// Per-reply timeout.
     timeout: Duration,
 }
 
-impl Plain {
-    /// Reads one (multi-line) reply within the timeout.
-    async fn reply(&mut self, stage: Stage) -> Result<Reply, Failure> {
-        self.reply_lines(stage).await.map(|(r, _)| r)
-    }
-
-    async fn reply_lines(&mut self, stage: Stage) -> Result<(Reply, Vec<String>), Failure> {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Plain<S> {
+    /// Reads one (multi-line) reply within the timeout: the reply and its text lines.
+    async fn reply(&mut self, stage: Stage) -> Result<(Reply, Vec<String>), Failure> {
         use tokio::io::AsyncReadExt;
         let limit = self.timeout;
         let read = async {
@@ -102,7 +98,7 @@ impl Plain {
                 let mut line = Vec::new();
                 loop {
                     let b = self
-                        .tcp
+                        .io
                         .read_u8()
                         .await
                         .map_err(|e| Problem::Io(e.to_string()))?;
@@ -141,11 +137,11 @@ impl Plain {
         }
     }
 
-    /// Sends a command line and reads its reply (with all its lines).
+    /// Sends a command line and reads its reply.
     async fn command(&mut self, stage: Stage, line: &str) -> Result<(Reply, Vec<String>), Failure> {
         use tokio::io::AsyncWriteExt;
         let bytes = format!("{line}\r\n");
-        match tokio::time::timeout(self.timeout, self.tcp.write_all(bytes.as_bytes())).await {
+        match tokio::time::timeout(self.timeout, self.io.write_all(bytes.as_bytes())).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return Err(Failure {
@@ -160,15 +156,36 @@ impl Plain {
                 })
             }
         }
-        self.reply_lines(stage).await
+        self.reply(stage).await
     }
 
+    /// Reads the greeting and sends EHLO; returns the EHLO reply's lines.
+    async fn hello(&mut self, name: &str) -> Result<Vec<String>, Failure> {
+        let (greeting, _) = self.reply(Stage::Greeting).await?;
+        if greeting.code != 220 {
+            return Err(Failure {
+                stage: Stage::Greeting,
+                problem: Problem::Reply(greeting),
+            });
+        }
+        let (reply, lines) = self.command(Stage::Ehlo, &format!("EHLO {name}")).await?;
+        if reply.class() != 2 {
+            return Err(Failure {
+                stage: Stage::Ehlo,
+                problem: Problem::Reply(reply),
+            });
+        }
+        Ok(lines)
+    }
+}
+
+impl Plain<tokio::net::TcpStream> {
     /// Whether bytes are already waiting on the socket (checked without waiting).
     async fn pending(&self) -> bool {
         let mut buf = [0u8; 1];
         futures::future::poll_fn(|cx| {
             let mut rb = tokio::io::ReadBuf::new(&mut buf);
-            match self.tcp.poll_peek(cx, &mut rb) {
+            match self.io.poll_peek(cx, &mut rb) {
                 std::task::Poll::Ready(Ok(n)) => std::task::Poll::Ready(n > 0),
                 std::task::Poll::Ready(Err(_)) | std::task::Poll::Pending => {
                     std::task::Poll::Ready(false)
@@ -179,31 +196,30 @@ impl Plain {
     }
 }
 
-/// What lettre reads first on the TLS stream we hand it (there is no greeting after STARTTLS).
-const GREETING_AFTER_TLS: &[u8] = b"220 TLS established\r\n";
+/// What lettre reads first on the stream we hand it: it expects a greeting, then sends EHLO
+/// (after STARTTLS the EHLO RFC 3207 requires; otherwise a harmless second EHLO).
+const GREETING_FOR_LETTRE: &[u8] = b"220 session opened by mailqueue\r\n";
 
-/// A TLS stream that first yields a synthetic greeting, so lettre's connect (which reads a
-/// greeting, then sends EHLO) can take over an already-upgraded session.
+/// A stream that first yields a synthetic greeting, so lettre's connect (which reads a greeting,
+/// then sends EHLO) can take over a session we opened.
 #[derive(Debug)]
-struct Greeted {
-    /// The synthetic greeting.
-    greeting: &'static [u8],
-    /// How much of it was read.
+struct Greeted<S> {
+    /// How much of the greeting was read.
     at: usize,
-    /// The TLS session.
-    inner: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    /// The stream.
+    inner: S,
 }
 
-impl tokio::io::AsyncRead for Greeted {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Greeted<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        if self.at < self.greeting.len() {
-            let n = buf.remaining().min(self.greeting.len() - self.at);
+        if self.at < GREETING_FOR_LETTRE.len() {
             let from = self.at;
-            buf.put_slice(&self.greeting[from..from + n]);
+            let n = buf.remaining().min(GREETING_FOR_LETTRE.len() - from);
+            buf.put_slice(&GREETING_FOR_LETTRE[from..from + n]);
             self.at += n;
             return std::task::Poll::Ready(Ok(()));
         }
@@ -211,7 +227,7 @@ impl tokio::io::AsyncRead for Greeted {
     }
 }
 
-impl tokio::io::AsyncWrite for Greeted {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Greeted<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -233,7 +249,15 @@ impl tokio::io::AsyncWrite for Greeted {
     }
 }
 
-impl lettre::transport::smtp::client::AsyncTokioStream for Greeted {
+type TlsTcp = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+impl lettre::transport::smtp::client::AsyncTokioStream for Greeted<tokio::net::TcpStream> {
+    fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.peer_addr()
+    }
+}
+
+impl lettre::transport::smtp::client::AsyncTokioStream for Greeted<TlsTcp> {
     fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         self.inner.get_ref().0.peer_addr()
     }
@@ -264,13 +288,6 @@ fn problem_of(e: &lettre::transport::smtp::Error, stage: Stage, timeout: Duratio
     }
     let text = chain(e);
     let lower = text.to_ascii_lowercase();
-    if e.is_tls()
-        || lower.contains("certificate")
-        || lower.contains("unknownissuer")
-        || lower.contains("handshake")
-    {
-        return Problem::Tls(text);
-    }
     if e.is_timeout() {
         return Problem::Timeout(timeout.as_secs());
     }
@@ -321,55 +338,21 @@ async fn step<T>(
 impl Deliverer {
     /// Builds a deliverer for the config. Reads `ca_file`; a bad one is a config error.
     pub fn new(cfg: &Config) -> Result<Deliverer, Error> {
-        let tls = if cfg.smtp.transport == TransportKind::Smtp && cfg.smtp.tls != TlsMode::None {
-            let mut b = TlsParameters::builder(cfg.smtp.host.clone());
-            if let Some(ca) = &cfg.smtp.ca_file {
-                let pem = std::fs::read(ca).map_err(|e| Error::Config {
-                    problems: vec![format!("smtp.ca_file: cannot read {}: {e}", ca.display())],
-                })?;
-                let mut n = 0;
-                for der in rustls_pemfile::certs(&mut pem.as_slice()) {
-                    let der = der.map_err(|e| Error::Config {
-                        problems: vec![format!("smtp.ca_file: {} is not PEM: {e}", ca.display())],
-                    })?;
-                    let cert = Certificate::from_der(der.to_vec()).map_err(|e| Error::Config {
-                        problems: vec![format!("smtp.ca_file: {}: {e}", ca.display())],
-                    })?;
-                    b = b.add_root_certificate(cert);
-                    n += 1;
-                }
-                if n == 0 {
-                    return Err(Error::Config {
-                        problems: vec![format!(
-                            "smtp.ca_file: {} holds no certificate",
-                            ca.display()
-                        )],
-                    });
-                }
-            }
-            Some(b.build_rustls().map_err(|e| Error::Config {
-                problems: vec![format!("smtp.tls: {}", chain(&e))],
-            })?)
+        let rustls = if cfg.smtp.transport == TransportKind::Smtp && cfg.smtp.tls != TlsMode::None {
+            Some(
+                crate::net::client_config(cfg.smtp.ca_file.as_deref()).map_err(|e| {
+                    Error::Config {
+                        problems: vec![format!("smtp.ca_file: {e}")],
+                    }
+                })?,
+            )
         } else {
             None
         };
-        let starttls =
-            if cfg.smtp.transport == TransportKind::Smtp && cfg.smtp.tls == TlsMode::StartTls {
-                Some(
-                    crate::net::client_config(cfg.smtp.ca_file.as_deref()).map_err(|e| {
-                        Error::Config {
-                            problems: vec![format!("smtp.ca_file: {e}")],
-                        }
-                    })?,
-                )
-            } else {
-                None
-            };
         Ok(Deliverer {
             cfg: cfg.clone(),
             client_id: ClientId::Domain(cfg.sender.local_hostname.clone()),
-            tls,
-            starttls,
+            rustls,
             session: None,
             progress: None,
             pop_login: None,
@@ -411,44 +394,7 @@ impl Deliverer {
     /// Opens a session: connect (implicit TLS), greeting, EHLO, STARTTLS + EHLO, AUTH.
     async fn open(&self) -> Result<Session, Failure> {
         let s = &self.cfg.smtp;
-        let mut conn = if s.tls == TlsMode::StartTls {
-            self.open_starttls().await?
-        } else {
-            let implicit = if s.tls == TlsMode::Tls {
-                self.tls.clone()
-            } else {
-                None
-            };
-            let what = format!(
-                "connect to {}{}",
-                self.server(),
-                if implicit.is_some() { " (TLS)" } else { "" }
-            );
-            let connect = AsyncSmtpConnection::connect_tokio1(
-                (s.host.as_str(), s.port),
-                Some(s.timeout),
-                &self.client_id,
-                implicit,
-                s.source_address,
-            );
-            // TCP connect (lettre's timeout) plus TLS handshake, greeting and EHLO (ours).
-            match step(Stage::Connect, s.timeout * 2, connect).await {
-                Ok(c) => {
-                    self.report_step(what, Ok("connected".into()));
-                    c
-                }
-                Err(mut f) => {
-                    if let Problem::Reply(_) = f.problem {
-                        f.stage = Stage::Greeting;
-                    }
-                    if let Problem::Connect(d) = &f.problem {
-                        f.problem = Problem::Connect(format!("{}: {d}", self.server()));
-                    }
-                    self.report_step(what, Err(self.describe(&f)));
-                    return Err(f);
-                }
-            }
-        };
+        let mut conn = self.open_session().await?;
         if let Some((user, password)) = &s.credentials {
             let creds = Credentials::new(user.clone(), password.reveal().to_string());
             if crate::failpoint::hit("leak-secret") {
@@ -469,7 +415,8 @@ impl Deliverer {
                 Ok(_) => self.report_step(what, Ok("accepted".into())),
                 Err(f) => {
                     self.report_step(what, Err(self.describe(&f)));
-                    conn.abort().await;
+                    // lettre's abort sends QUIT and waits for its reply without a limit.
+                    let _ = tokio::time::timeout(s.timeout, conn.abort()).await;
                     return Err(f);
                 }
             }
@@ -481,15 +428,22 @@ impl Deliverer {
         })
     }
 
-    /// Connects, reads the greeting, sends EHLO and STARTTLS over plaintext ourselves, then hands
-    /// the TLS stream to lettre. Done here rather than by lettre because lettre upgrades the
-    /// socket under its own buffered reader: plaintext a server (or a man in the middle) sends
-    /// in the same packet as its STARTTLS reply would be read after the handshake as if it had
-    /// come encrypted ("STARTTLS response injection"). We read the plaintext phase byte by byte,
-    /// so nothing is read ahead, and refuse if anything follows the 220 reply.
-    async fn open_starttls(&self) -> Result<AsyncSmtpConnection, Failure> {
+    /// Opens a session up to EHLO (and STARTTLS) ourselves, then hands the stream to lettre.
+    ///
+    /// Ours rather than lettre's `connect_tokio1` for two reasons: lettre upgrades STARTTLS
+    /// under its own buffered reader, so plaintext a server (or a man in the middle) sends in the
+    /// same packet as its STARTTLS reply would be read after the handshake as if it had come
+    /// encrypted ("STARTTLS response injection"); and its connect reads the greeting and EHLO in
+    /// one step, so a refusal could not be told apart from the other. Here the opening is read
+    /// byte by byte, never ahead, and anything that follows the STARTTLS 220 drops the session.
+    async fn open_session(&self) -> Result<AsyncSmtpConnection, Failure> {
         let s = &self.cfg.smtp;
-        let what = format!("connect to {}", self.server());
+        let implicit = s.tls == TlsMode::Tls;
+        let what = format!(
+            "connect to {}{}",
+            self.server(),
+            if implicit { " (TLS)" } else { "" }
+        );
         let fail = |f: Failure, step: &str| {
             self.report_step(step.to_string(), Err(self.describe(&f)));
             f
@@ -508,57 +462,48 @@ impl Deliverer {
             Err(crate::net::ConnectError::Failed(d)) => {
                 let f = Failure {
                     stage: Stage::Connect,
-                    problem: Problem::Connect(format!("{}: {d}", self.server())),
+                    problem: Problem::Connect(d),
                 };
                 return Err(fail(f, &what));
             }
         };
-        let mut plain = Plain {
-            tcp,
+        let hello = self.cfg.sender.local_hostname.clone();
+        if implicit {
+            let tls = self
+                .handshake(tcp, Stage::Connect)
+                .await
+                .map_err(|f| fail(f, &what))?;
+            let mut p = Plain {
+                io: tls,
+                timeout: s.timeout,
+            };
+            p.hello(&hello).await.map_err(|f| fail(f, &what))?;
+            self.report_step(what, Ok("connected".into()));
+            return self.hand_over(Greeted { at: 0, inner: p.io }).await;
+        }
+        let mut p = Plain {
+            io: tcp,
             timeout: s.timeout,
         };
-        let greeting = plain
-            .reply(Stage::Greeting)
-            .await
-            .map_err(|f| fail(f, &what))?;
-        if greeting.code != 220 {
-            let f = Failure {
-                stage: Stage::Greeting,
-                problem: Problem::Reply(greeting),
-            };
-            return Err(fail(f, &what));
-        }
-        let (code, ehlo) = plain
-            .command(
-                Stage::Ehlo,
-                &format!("EHLO {}", self.cfg.sender.local_hostname),
-            )
-            .await
-            .map_err(|f| fail(f, &what))?;
-        if code.class() != 2 {
-            return Err(fail(
-                Failure {
-                    stage: Stage::Ehlo,
-                    problem: Problem::Reply(code),
-                },
-                &what,
-            ));
-        }
+        let ehlo = p.hello(&hello).await.map_err(|f| fail(f, &what))?;
         self.report_step(what, Ok("connected".into()));
-        let offers_starttls = ehlo.iter().skip(1).any(|l| {
+        if s.tls == TlsMode::None {
+            return self.hand_over(Greeted { at: 0, inner: p.io }).await;
+        }
+        let offers = ehlo.iter().skip(1).any(|l| {
             l.split_whitespace()
                 .next()
                 .is_some_and(|k| k.eq_ignore_ascii_case("STARTTLS"))
         });
-        if !offers_starttls {
+        if !offers {
             self.report_step("STARTTLS", Err("not offered by the server".into()));
-            let _ = plain.command(Stage::Ehlo, "QUIT").await;
+            let _ = p.command(Stage::Ehlo, "QUIT").await;
             return Err(Failure {
                 stage: Stage::Ehlo,
                 problem: Problem::NoStartTls,
             });
         }
-        let (reply, _) = plain
+        let (reply, _) = p
             .command(Stage::StartTls, "STARTTLS")
             .await
             .map_err(|f| fail(f, "STARTTLS"))?;
@@ -571,55 +516,59 @@ impl Deliverer {
                 "STARTTLS",
             ));
         }
-        if plain.pending().await {
+        if p.pending().await {
             let f = Failure {
                 stage: Stage::StartTls,
                 problem: Problem::Tls("the server sent more data right after its STARTTLS reply (STARTTLS response injection?); the connection was dropped before TLS, nothing was sent".into()),
             };
             return Err(fail(f, "STARTTLS"));
         }
-        let config = self.starttls.clone().expect("built for tls = starttls");
-        let name = rustls::pki_types::ServerName::try_from(s.host.clone()).map_err(|e| {
-            fail(
-                Failure {
-                    stage: Stage::StartTls,
-                    problem: Problem::Tls(format!("{} is not a TLS server name: {e}", s.host)),
-                },
-                "STARTTLS",
-            )
-        })?;
-        let handshake = tokio_rustls::TlsConnector::from(config).connect(name, plain.tcp);
-        let tls = match tokio::time::timeout(s.timeout, handshake).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                return Err(fail(
-                    Failure {
-                        stage: Stage::StartTls,
-                        problem: Problem::Tls(e.to_string()),
-                    },
-                    "STARTTLS",
-                ))
-            }
-            Err(_) => {
-                return Err(fail(
-                    Failure {
-                        stage: Stage::StartTls,
-                        problem: Problem::Timeout(s.timeout.as_secs()),
-                    },
-                    "STARTTLS",
-                ))
-            }
-        };
+        let tls = self
+            .handshake(p.io, Stage::StartTls)
+            .await
+            .map_err(|f| fail(f, "STARTTLS"))?;
         self.report_step("STARTTLS", Ok("encrypted".into()));
-        // lettre reads a greeting first, then sends the EHLO RFC 3207 requires after TLS.
-        let stream = Greeted {
-            greeting: GREETING_AFTER_TLS,
-            at: 0,
-            inner: tls,
-        };
+        self.hand_over(Greeted { at: 0, inner: tls }).await
+    }
+
+    /// The TLS handshake within the timeout, verifying the server's name and certificate.
+    async fn handshake(&self, tcp: tokio::net::TcpStream, stage: Stage) -> Result<TlsTcp, Failure> {
+        let s = &self.cfg.smtp;
+        let config = self
+            .rustls
+            .clone()
+            .expect("built for tls = starttls or tls");
+        let name =
+            rustls::pki_types::ServerName::try_from(s.host.clone()).map_err(|e| Failure {
+                stage,
+                problem: Problem::Tls(format!("{} is not a TLS server name: {e}", s.host)),
+            })?;
+        match tokio::time::timeout(
+            s.timeout,
+            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        {
+            Ok(Ok(t)) => Ok(t),
+            Ok(Err(e)) => Err(Failure {
+                stage,
+                problem: Problem::Tls(e.to_string()),
+            }),
+            Err(_) => Err(Failure {
+                stage,
+                problem: Problem::Timeout(s.timeout.as_secs()),
+            }),
+        }
+    }
+
+    /// Gives the opened stream to lettre, which reads our synthetic greeting and sends EHLO.
+    async fn hand_over<S>(&self, stream: Greeted<S>) -> Result<AsyncSmtpConnection, Failure>
+    where
+        Greeted<S>: lettre::transport::smtp::client::AsyncTokioStream + 'static,
+    {
         step(
             Stage::Ehlo,
-            s.timeout,
+            self.cfg.smtp.timeout,
             AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.client_id),
         )
         .await
@@ -649,7 +598,9 @@ impl Deliverer {
                 relay_gated: gated,
             };
         }
-        let reused = self.session.is_some();
+        // Only a connection that already carried a mail can have gone stale; one `prepare` just
+        // opened must not be opened twice (a 421 at MAIL is an answer, not a stale socket).
+        let reused = self.session.as_ref().is_some_and(|s| s.transactions > 0);
         let mut report = self.try_send(from, rcpts, bytes).await;
         // A kept connection may have been closed by the server while idle: if the very first
         // command found it gone, nothing was sent; try once on a fresh connection.

@@ -183,59 +183,9 @@ fn python_server_requires_auth_and_fakes_replies() {
     );
 }
 
-/// The certificates work with rustls (through lettre, a dependency of the crate) against the
-/// python server in both TLS modes, with AUTH; the untrusted one is refused.
-#[test]
-fn test_ca_certificates_work_with_rustls() {
-    use lettre::transport::smtp::authentication::Credentials;
-    use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
-    use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-
-    let ca = TestCa::new();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let params = || {
-        TlsParameters::builder("localhost".into())
-            .add_root_certificate(Certificate::from_pem(ca.ca_pem().as_bytes()).unwrap())
-            .build_rustls()
-            .unwrap()
-    };
-    let send = |port: u16, tls: Tls| {
-        let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
-            .port(port)
-            .tls(tls)
-            .credentials(Credentials::new("crm".into(), "secret".into()))
-            .timeout(Some(Duration::from_secs(10)))
-            .build();
-        let msg = Message::builder()
-            .from("CRM 通知 <crm@example.com>".parse().unwrap())
-            .to("alice@example.net".parse().unwrap())
-            .subject("件名")
-            .body("本文".to_string())
-            .unwrap();
-        rt.block_on(transport.send(msg))
-    };
-    let auth = ["--auth-user", "crm", "--auth-password", "secret"].map(String::from);
-
-    for (mode, tls) in [
-        ("starttls", Tls::Required(params())),
-        ("tls", Tls::Wrapper(params())),
-    ] {
-        let srv = SmtpServer::start(&[ca.server_args(mode), auth.to_vec()].concat());
-        send(srv.port, tls).unwrap_or_else(|e| panic!("{mode}: {e:?}\n{}", srv.log()));
-        let m = srv.wait_for_messages(1, WAIT);
-        assert_eq!(m[0].subject().as_deref(), Some("件名"));
-        assert_eq!(m[0].from_name().as_deref(), Some("CRM 通知"));
-        assert_eq!(m[0].body_text().as_deref().map(str::trim_end), Some("本文"));
-    }
-
-    let srv = SmtpServer::start(&ca.untrusted_server_args("tls"));
-    let err = send(srv.port, Tls::Wrapper(params())).expect_err("untrusted certificate must fail");
-    let text = format!("{err:?}");
-    assert!(text.contains("UnknownIssuer"), "{text}");
-}
+// The test CA's certificates against rustls are exercised by the daemon itself:
+// tests/delivery.rs (STARTTLS with AUTH, an untrusted certificate) and tests/fault_matrix.rs
+// (implicit TLS). The crate no longer builds lettre's own TLS, which this test used.
 
 #[test]
 fn smtp_sink_accepts_and_keeps_a_mail() {

@@ -7,6 +7,7 @@ Run it with the test venv's python (scripts/test-setup.sh creates target/test-ve
         [--tls-mode none|starttls|tls --cert cert.pem --key key.pem] \
         [--auth-user U --auth-password P] [--refuse-rcpt SUBSTR]... [--defer-rcpt SUBSTR:N]... \
         [--mail-reply "CODE TEXT"] [--data-reply "CODE TEXT"] [--max-messages N] \
+        [--fault STAGE="CODE TEXT"]... [--hang STAGE]... [--tls-fail [close|garbage]] \
         [--pop-log DOVECOT_LOG [--pop-window SECS] [--pop-grace SECS]]
 
 Once it listens on 127.0.0.1 it prints exactly one line `{"port": N}` to stdout and flushes.
@@ -20,6 +21,18 @@ Every file is written to a temporary name and renamed, .eml before .json, so a r
 N.json can read N.eml in full.
 
 Any configured reply that starts with "421" also closes the connection, as a real server does.
+
+Generic faults, by stage (STAGE is one of GREETING, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, DOT;
+GREETING = the banner, DATA = the reply to the DATA command instead of 354, DOT = the reply after
+the final "."); they apply to every connection and take precedence over the other options:
+    --fault STAGE="CODE TEXT"   answer that command with this reply instead of handling it
+                                (GREETING: this banner instead of 220; the session then goes on
+                                as usual, as long as the client stays)
+    --hang STAGE                read the command (GREETING: accept the connection) and never
+                                answer; the connection stays open until the client closes it
+    --tls-fail [close|garbage]  (needs --tls-mode starttls) answer STARTTLS with 220, read the
+                                client's first TLS bytes, then close the connection ("close", the
+                                default) or send bytes that are not TLS and close ("garbage")
 
 POP-before-SMTP (--pop-log): relaying is allowed only to a client that logged in by POP3 lately,
 from the same IP address, as providers without SMTP AUTH do it. The only evidence trusted is
@@ -45,6 +58,7 @@ Logs go to stderr (WARNING by default, --verbose for the whole SMTP dialogue).
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -113,6 +127,26 @@ def parse_reply(text):
     if len(code) != 3 or not code.isdigit():
         raise argparse.ArgumentTypeError(f"reply must start with a 3-digit code: {text!r}")
     return text
+
+
+FAULT_STAGES = ("GREETING", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "DOT")
+
+
+def parse_stage(text):
+    """'rcpt' -> 'RCPT', after checking it is one of FAULT_STAGES."""
+    stage = text.strip().upper()
+    if stage not in FAULT_STAGES:
+        raise argparse.ArgumentTypeError(
+            f"stage must be one of {', '.join(FAULT_STAGES)}, got {text!r}")
+    return stage
+
+
+def parse_fault(text):
+    """'MAIL=451 4.3.0 try later' -> ('MAIL', '451 4.3.0 try later')."""
+    stage, sep, reply = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--fault wants STAGE=\"CODE TEXT\", got {text!r}")
+    return parse_stage(stage), parse_reply(reply.strip())
 
 
 def parse_defer(text):
@@ -191,6 +225,10 @@ class Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        # After the final ".": an injected fault or hang comes first (nothing is spooled).
+        fault = await server.fault_reply("DOT")
+        if fault is not None:
+            return await server.configured_reply(fault)
         received_at = time.time()
         reply = self.args.data_reply or "250 2.0.0 OK: queued"
         if reply.startswith("2"):
@@ -219,9 +257,50 @@ class CountingSMTP(SMTP):
     AuthLoginUsernameChallenge = "Username:"
     AuthLoginPasswordChallenge = "Password:"
 
-    def __init__(self, handler, connection_no, **kwargs):
+    def __init__(self, handler, connection_no, faults=None, hangs=(), tls_fail=None, **kwargs):
         super().__init__(handler, **kwargs)
         self.connection_no = connection_no
+        self.faults = dict(faults or {})    # stage -> reply
+        self.hangs = set(hangs)             # stages never answered
+        self.tls_fail = tls_fail            # None, "close" or "garbage"
+        self.greeted = False                # the banner has been pushed (or replaced)
+
+    async def fault_reply(self, stage):
+        """The reply injected at `stage`, or None to handle it as usual. For a hang it never
+        returns: it waits until the connection is lost (aiosmtpd then cancels the handler)."""
+        if stage in self.hangs:
+            log.warning("hang at %s (connection %d): no answer", stage, self.connection_no)
+            await asyncio.get_running_loop().create_future()
+        reply = self.faults.get(stage)
+        if reply is not None:
+            log.warning("fault at %s (connection %d): %s", stage, self.connection_no, reply)
+        return reply
+
+    async def inject(self, stage):
+        """Answers `stage` with its fault (True), or returns False to let aiosmtpd handle it."""
+        reply = await self.fault_reply(stage)
+        if reply is None:
+            return False
+        await self.push(await self.configured_reply(reply))
+        return True
+
+    async def smtp_STARTTLS(self, arg):
+        if await self.inject("STARTTLS"):
+            return
+        if self.tls_fail and self.tls_context and not arg:
+            await self.push("220 2.0.0 Ready to start TLS")
+            try:
+                # The ClientHello (or part of it): the handshake has begun.
+                await asyncio.wait_for(self._reader.read(5), timeout=10)
+            except (asyncio.TimeoutError, ConnectionError):
+                pass
+            if self.tls_fail == "garbage":
+                self._writer.write(b"this is not a TLS record\r\n")
+            log.warning("TLS handshake failure injected (%s, connection %d)",
+                        self.tls_fail, self.connection_no)
+            self.transport.close()
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def configured_reply(self, reply):
         """Return `reply` for aiosmtpd to send; for a 421 send it now and hang up."""
@@ -234,7 +313,35 @@ class CountingSMTP(SMTP):
     async def push(self, status):
         if status is None:  # our 421 path above already answered
             return
+        if not self.greeted:
+            # The first push is aiosmtpd's 220 banner.
+            self.greeted = True
+            reply = await self.fault_reply("GREETING")
+            if reply is not None:
+                await super().push(reply)
+                if reply.startswith("421"):
+                    self.transport.close()
+                return
         await super().push(status)
+
+
+def _faultable(stage, name):
+    """An override of SMTP.<name> that answers with the --fault/--hang of `stage` first."""
+    base = getattr(SMTP, name)
+
+    async def method(self, arg):
+        if await self.inject(stage):
+            return
+        await base(self, arg)
+
+    functools.update_wrapper(method, base)  # keeps aiosmtpd's @syntax data (HELP)
+    return method
+
+
+for _stage, _name in (("EHLO", "smtp_EHLO"), ("AUTH", "smtp_AUTH"), ("MAIL", "smtp_MAIL"),
+                      ("RCPT", "smtp_RCPT"), ("DATA", "smtp_DATA")):
+    setattr(CountingSMTP, _name, _faultable(_stage, _name))
+functools.update_wrapper(CountingSMTP.smtp_STARTTLS, SMTP.smtp_STARTTLS)
 
 
 def main():
@@ -254,6 +361,13 @@ def main():
                    "--max-messages-reply")
     p.add_argument("--max-messages-reply", type=parse_reply,
                    default="452 4.5.3 Message limit reached, try again later")
+    p.add_argument("--fault", action="append", default=[], type=parse_fault,
+                   metavar='STAGE="CODE TEXT"', help="answer STAGE (%s) with this reply"
+                   % ", ".join(FAULT_STAGES))
+    p.add_argument("--hang", action="append", default=[], type=parse_stage, metavar="STAGE",
+                   help="read the command at STAGE and never answer")
+    p.add_argument("--tls-fail", nargs="?", const="close", choices=["close", "garbage"],
+                   help="with --tls-mode starttls: break the TLS handshake after STARTTLS")
     p.add_argument("--hostname", default="mx.test.invalid", help="name in the greeting and EHLO")
     p.add_argument("--pop-log", metavar="DOVECOT_LOG",
                    help="POP-before-SMTP: allow RCPT only after a POP3 login from the client's "
@@ -269,6 +383,10 @@ def main():
         p.error("--tls-mode starttls|tls needs --cert and --key")
     if bool(args.auth_user) != bool(args.auth_password):
         p.error("--auth-user and --auth-password go together")
+    if args.tls_fail and args.tls_mode != "starttls":
+        p.error("--tls-fail needs --tls-mode starttls")
+    if len({stage for stage, _ in args.fault}) != len(args.fault):
+        p.error("--fault: one reply per stage")
     if args.pop_window < 0 or args.pop_grace < 0:
         p.error("--pop-window and --pop-grace must not be negative")
 
@@ -308,6 +426,7 @@ async def serve(args):
         atomic_write(connections_file, str(n).encode())
         return CountingSMTP(
             handler, n,
+            faults=dict(args.fault), hangs=args.hang, tls_fail=args.tls_fail,
             hostname=args.hostname,
             ident="mailqueue-test-smtpd",
             enable_SMTPUTF8=True,
