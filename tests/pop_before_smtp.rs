@@ -279,3 +279,57 @@ fn check_config_connect_and_test_send_show_each_step() {
         "SMTP is not tried after a failed POP login:\n{text}"
     );
 }
+
+/// At trace level, the POP password shows up nowhere: not in any output, not in the queue file.
+#[test]
+fn a_trace_level_pop_run_shows_no_pop_password() {
+    if !dovecot_available("a_trace_level_pop_run_shows_no_pop_password") {
+        return;
+    }
+    use base64::Engine;
+    let dovecot = Dovecot::start(&[(USER, PASSWORD)]);
+    let server = relay(&dovecot, "30");
+    let s = setup(&dovecot, server.port, "tls = \"starttls\"", "");
+    std::fs::write(
+        &s.config,
+        std::fs::read_to_string(&s.config)
+            .unwrap()
+            .replace("level = \"info\"", "level = \"trace\""),
+    )
+    .unwrap();
+    Db::open(&s.db_path).insert("a@example.com", "m", "x");
+    let mut all = Vec::new();
+    for args in [
+        &["check-config", "--connect"][..],
+        &["run", "--once"],
+        &["test-send", "--to", "b@example.com"],
+    ] {
+        let out = run_mailqueue(&s.config, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        all.extend(out.stdout);
+        all.extend(out.stderr);
+    }
+    assert!(
+        String::from_utf8_lossy(&all).contains("TRACE"),
+        "the runs logged at trace level"
+    );
+    for f in [
+        s.db_path.clone(),
+        PathBuf::from(format!("{}-wal", s.db_path.display())),
+    ] {
+        if f.exists() {
+            all.extend(std::fs::read(f).unwrap());
+        }
+    }
+    let b64 = base64::engine::general_purpose::STANDARD.encode(PASSWORD);
+    for needle in [PASSWORD, b64.as_str()] {
+        assert!(
+            !all.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{needle:?} leaked"
+        );
+    }
+}
