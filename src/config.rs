@@ -104,6 +104,8 @@ struct RawQueue {
     /// A mail that may have gone out (no reply after the final "."): "resend" it once with the
     /// same Message-ID (default), or "hold" it for an operator.
     on_doubt: Option<String>,
+    /// The most envelope recipients (To + Cc + Bcc) one mail may have. Default 100.
+    max_recipients: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -277,6 +279,8 @@ pub struct QueueConfig {
     pub housekeeping_interval: Duration,
     /// What an in-doubt attempt leads to.
     pub on_doubt: crate::policy::OnDoubt,
+    /// The most envelope recipients one mail may have.
+    pub max_recipients: u32,
 }
 
 /// `[sender]`.
@@ -802,6 +806,14 @@ impl Validator {
                     ("hold", crate::policy::OnDoubt::Hold),
                 ],
             ),
+            max_recipients: match q.max_recipients {
+                Some(0) => {
+                    self.bad("queue.max_recipients", "must be at least 1");
+                    1
+                }
+                Some(n) => n,
+                None => 100,
+            },
         }
     }
 

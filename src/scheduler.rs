@@ -233,11 +233,24 @@ impl Worker {
         let started = Instant::now();
         let lang = self.lang();
         let test_mail = claim.max_attempts == Some(1);
+        let max_rcpts = self.cfg.queue.max_recipients as usize;
         let composed = match message::compose(
             &claim,
             &self.cfg.sender,
             self.cfg.queue.max_message_size,
-        ) {
+        )
+        .and_then(|c| {
+            if c.recipients.len() > max_rcpts {
+                Err(Error::InvalidRow {
+                    detail: format!(
+                        "{} recipients, more than queue.max_recipients ({max_rcpts})",
+                        c.recipients.len()
+                    ),
+                })
+            } else {
+                Ok(c)
+            }
+        }) {
             Ok(c) => c,
             Err(e) => {
                 let rec = Record {

@@ -901,12 +901,23 @@ fn broken_rows_fail_with_a_reason_and_the_others_still_go() {
         ("to_addrs", &"a@example.com"),
         ("subject", &vec![0xffu8, 0xfe]),
     ]);
+    let many: Vec<String> = (0..101).map(|i| format!("r{i}@example.com")).collect();
+    let too_many = db.insert(&many.join(", "), "s", "b");
     let good = db.insert("a@example.com", "fine", "b");
     s.once();
     assert_eq!(db.row(bad_addr)["error_code"], "invalid_address");
     assert_eq!(db.row(no_rcpt)["error_code"], "invalid_row");
     assert_eq!(db.row(injected)["error_code"], "invalid_row");
     assert_eq!(db.row(blob)["status"], "failed");
+    let row = db.row(too_many);
+    assert_eq!(row["error_code"], "invalid_row");
+    assert!(
+        row["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("101 recipients, more than queue.max_recipients (100)"),
+        "{row}"
+    );
     assert_eq!(db.status(good), "sent");
     assert_eq!(sink.wait_for_messages(1, LONG).len(), 1);
 }
