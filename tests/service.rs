@@ -387,9 +387,53 @@ fn secrets_run(failpoint: Option<&str>) -> (Vec<u8>, &'static str, &'static str)
             all.extend(std::fs::read(&f).unwrap());
         }
     }
-    let check = run_mailqueue(&s.config, &["check-config"]);
-    all.extend(check.stdout);
-    all.extend(check.stderr);
+    // Every other path a password takes: the connection check, a test mail, and a login the
+    // server refuses (the wrong password must not show either).
+    for args in [
+        &["check-config", "--connect"][..],
+        &["test-send", "--to", "b@example.com"],
+    ] {
+        let out = run_mailqueue(&s.config, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        all.extend(out.stdout);
+        all.extend(out.stderr);
+    }
+    let wrong = "Wr0ng-Tr4ce-Secret";
+    let text = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace(password, wrong);
+    std::fs::write(&s.config, text).unwrap();
+    s.db().insert("a@example.com", "refused login", "x");
+    for args in [
+        &["run", "--once"][..],
+        &["test-send", "--to", "b@example.com"],
+        &["check-config", "--connect"],
+    ] {
+        let out = run_mailqueue(&s.config, args);
+        all.extend(out.stdout);
+        all.extend(out.stderr);
+    }
+    assert!(
+        String::from_utf8_lossy(&all).contains("535 5.7.8"),
+        "the refused login was exercised"
+    );
+    for f in [
+        s.db_path.clone(),
+        PathBuf::from(format!("{}-wal", s.db_path.display())),
+    ] {
+        if f.exists() {
+            all.extend(std::fs::read(&f).unwrap());
+        }
+    }
+    assert_eq!(
+        leaks(&all, user, wrong),
+        Vec::<String>::new(),
+        "the refused password leaked"
+    );
     (all, user, password)
 }
 
