@@ -294,6 +294,10 @@ async fn run(path: &Path, once: bool, no_lock: bool) -> Result<i32, Error> {
         once,
         "mailqueue started."
     );
+    if let Some(to) = &cfg.redirect_all_to {
+        tracing::warn!(redirect_all_to = %to,
+            "STAGING MODE: every mail goes to {to} instead of its recipients (sender.redirect_all_to).");
+    }
     service::notify_ready("delivering");
     tracing::info!("Ready: the queue is open and the configuration valid.");
     let opts = scheduler::RunOptions {

@@ -119,6 +119,9 @@ struct RawSender {
     envelope_from: Option<String>,
     /// The name sent in EHLO (ローカルホスト名). Default: this machine's fully qualified name.
     local_hostname: Option<String>,
+    /// Staging: send every mail to this address instead of its recipients (the originals are
+    /// kept in a header and in the row). Never set this in production.
+    redirect_all_to: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +153,11 @@ struct RawSmtp {
     ca_file: Option<PathBuf>,
     /// Allow AUTH over an unencrypted connection to a non-loopback host. Default false.
     allow_insecure_auth: Option<bool>,
+    /// Run this command (with `sh -c`) at each connection and use the first line it prints as
+    /// the password or token (like msmtp's passwordeval); its output is never logged.
+    password_command: Option<String>,
+    /// "plain", "login" or "xoauth2". Default: what the server offers, PLAIN first.
+    auth_mechanism: Option<String>,
     /// Close an idle SMTP connection after this long. Default "30s".
     idle_timeout: Option<String>,
     /// Open a new connection after this many mails on one. Default 100.
@@ -231,6 +239,8 @@ pub struct Config {
     pub pop: Option<PopConfig>,
     /// `[metrics] listen`, when set.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `[sender] redirect_all_to`: staging mode.
+    pub redirect_all_to: Option<Address>,
 }
 
 /// `[pop_before_smtp]`, enabled.
@@ -352,6 +362,22 @@ pub struct SmtpConfig {
     pub max_messages_per_connection: u32,
     /// Local address to connect from (SMTP and POP).
     pub source_address: Option<IpAddr>,
+    /// A command printing the password or token, run at each connection (instead of a stored
+    /// password).
+    pub password_command: Option<String>,
+    /// The AUTH mechanism to use; `None`: PLAIN or LOGIN, as the server offers.
+    pub auth_mechanism: Option<AuthMechanism>,
+}
+
+/// `[smtp] auth_mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMechanism {
+    /// AUTH PLAIN.
+    Plain,
+    /// AUTH LOGIN.
+    Login,
+    /// AUTH XOAUTH2 (an OAuth2 access token as the password).
+    Xoauth2,
 }
 
 /// `[rate]`.
@@ -608,6 +634,20 @@ impl Validator {
     }
 
     fn config(&mut self, raw: RawConfig, path: &Path) -> Option<Config> {
+        let redirect_all_to =
+            raw.sender
+                .redirect_all_to
+                .as_deref()
+                .and_then(|a| match a.trim().parse::<Address>() {
+                    Ok(addr) => Some(addr),
+                    Err(e) => {
+                        self.bad(
+                            "sender.redirect_all_to",
+                            format!("{a:?} is not an email address ({e})"),
+                        );
+                        None
+                    }
+                });
         let queue = self.queue(raw.queue);
         let sender = self.sender(raw.sender);
         let smtp = self.smtp(raw.smtp);
@@ -636,6 +676,7 @@ impl Validator {
             log,
             pop,
             metrics_listen,
+            redirect_all_to,
         })
     }
 
@@ -906,12 +947,27 @@ impl Validator {
             if user.is_empty() {
                 self.bad("smtp.user", "is required with auth = true");
             }
-            let password = self.secret(
-                "smtp",
-                s.password,
-                s.password_file.as_ref(),
-                "with auth = true",
-            );
+            let password = match &s.password_command {
+                Some(cmd) if cmd.trim().is_empty() => {
+                    self.bad("smtp.password_command", "is empty");
+                    None
+                }
+                Some(_) if s.password.is_some() || s.password_file.is_some() => {
+                    self.bad(
+                        "smtp.password_command",
+                        "give one of password, password_file and password_command",
+                    );
+                    None
+                }
+                // The command runs at each connection (a token may change); nothing stored.
+                Some(_) => Some(Secret::new("")),
+                None => self.secret(
+                    "smtp",
+                    s.password,
+                    s.password_file.as_ref(),
+                    "with auth = true",
+                ),
+            };
             if tls == TlsMode::None
                 && transport == TransportKind::Smtp
                 && !is_loopback_host(&host)
@@ -952,6 +1008,19 @@ impl Validator {
                         None
                     }
                 });
+        let auth_mechanism = match s.auth_mechanism.as_deref() {
+            None => None,
+            Some("plain") => Some(AuthMechanism::Plain),
+            Some("login") => Some(AuthMechanism::Login),
+            Some("xoauth2") => Some(AuthMechanism::Xoauth2),
+            Some(other) => {
+                self.bad(
+                    "smtp.auth_mechanism",
+                    format!("{other:?} is not one of \"plain\", \"login\", \"xoauth2\""),
+                );
+                None
+            }
+        };
         let max_messages_per_connection = s.max_messages_per_connection.unwrap_or(100);
         if max_messages_per_connection == 0 {
             self.bad("smtp.max_messages_per_connection", "must be at least 1");
@@ -972,6 +1041,8 @@ impl Validator {
             idle_timeout,
             max_messages_per_connection,
             source_address,
+            password_command: s.password_command,
+            auth_mechanism,
         })
     }
 
@@ -1056,6 +1127,12 @@ impl Config {
             self.sender.envelope_from.to_string()
         );
         out += &format!("local_hostname = {:?}\n", self.sender.local_hostname);
+        if let Some(r) = &self.redirect_all_to {
+            out += &format!(
+                "redirect_all_to = {:?}   # STAGING: every mail goes here\n",
+                r.to_string()
+            );
+        }
         out += "\n[smtp]\n";
         match s.transport {
             TransportKind::File => {
@@ -1093,6 +1170,12 @@ impl Config {
                     "max_messages_per_connection = {}\n",
                     s.max_messages_per_connection
                 );
+                if s.password_command.is_some() {
+                    out += "password_command = \"(set; run at each connection)\"\n";
+                }
+                if let Some(m) = s.auth_mechanism {
+                    out += &format!("auth_mechanism = {:?}\n", format!("{m:?}").to_lowercase());
+                }
                 if let Some(a) = s.source_address {
                     out += &format!("source_address = \"{a}\"\n");
                 }

@@ -31,7 +31,7 @@ use lettre::transport::smtp::extension::{ClientId, Extension, MailParameter};
 use lettre::transport::smtp::response::Response;
 use lettre::{Address, AsyncFileTransport, AsyncTransport, Tokio1Executor};
 
-use crate::config::{Config, TlsMode, TransportKind};
+use crate::config::{AuthMechanism, Config, TlsMode, TransportKind};
 use crate::error::{Error, Reply, Stage};
 use crate::policy::{Failure, Problem, Report};
 
@@ -263,6 +263,60 @@ impl lettre::transport::smtp::client::AsyncTokioStream for Greeted<TlsTcp> {
     }
 }
 
+/// Runs `[smtp] password_command` and returns the first line it printed. Its output never goes
+/// anywhere else; a failure says how the command ended, not what it printed.
+async fn run_password_command(cmd: &str, limit: Duration) -> Result<String, String> {
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = match tokio::time::timeout(limit, child).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => return Err(format!("cannot run it: {e}")),
+        Err(_) => return Err(format!("it did not finish within {} s", limit.as_secs())),
+    };
+    if !out.status.success() {
+        return Err(format!("it ended with {}", out.status));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.lines().next().map(str::trim_end) {
+        Some(line) if !line.is_empty() => Ok(line.to_string()),
+        _ => Err("it printed nothing".into()),
+    }
+}
+
+/// AUTH XOAUTH2 (RFC 7628 style, as Gmail and Microsoft 365 take it), done here because lettre's
+/// does not expect the failure sequence: a refused token gets `334 <base64 JSON>`, the client
+/// must answer with an empty line, and only then comes the 535.
+async fn xoauth2(
+    conn: &mut AsyncSmtpConnection,
+    user: &str,
+    token: &str,
+) -> Result<(), lettre::transport::smtp::Error> {
+    use base64::Engine;
+    /// A raw command line for lettre's `command` (which writes it as is).
+    struct Line(String);
+    impl std::fmt::Display for Line {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{}\r\n", self.0)
+        }
+    }
+    let initial = base64::engine::general_purpose::STANDARD
+        .encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"));
+    let reply = conn
+        .command(Line(format!("AUTH XOAUTH2 {initial}")))
+        .await?;
+    if reply.has_code(334) {
+        // The error details (base64 JSON); the final reply follows our empty line.
+        conn.command(Line(String::new())).await?;
+    }
+    Ok(())
+}
+
 /// Joins an error with its sources into one line (lettre puts the server text in the source).
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -396,23 +450,52 @@ impl Deliverer {
         let s = &self.cfg.smtp;
         let mut conn = self.open_session().await?;
         if let Some((user, password)) = &s.credentials {
-            let creds = Credentials::new(user.clone(), password.reveal().to_string());
+            let what = format!("SMTP login as {user}");
+            let secret = match &s.password_command {
+                Some(cmd) => match run_password_command(cmd, s.timeout).await {
+                    Ok(p) => p,
+                    Err(detail) => {
+                        let f = Failure {
+                            stage: Stage::Auth,
+                            problem: Problem::PasswordCommand(detail),
+                        };
+                        self.report_step(what, Err(self.describe(&f)));
+                        let _ = tokio::time::timeout(s.timeout, conn.abort()).await;
+                        return Err(f);
+                    }
+                },
+                None => password.reveal().to_string(),
+            };
             if crate::failpoint::hit("leak-secret") {
                 // A planted leak, so the secrets test can show that its check catches one.
                 use base64::Engine;
-                let plain = format!("\0{user}\0{}", password.reveal());
+                let plain = format!("\0{user}\0{secret}");
                 let b64 = base64::engine::general_purpose::STANDARD.encode(plain);
                 tracing::trace!("Failpoint leak-secret: AUTH PLAIN {b64}");
             }
-            let what = format!("SMTP login as {user}");
-            match step(
-                Stage::Auth,
-                s.timeout,
-                conn.auth(&[Mechanism::Plain, Mechanism::Login], &creds),
-            )
-            .await
-            {
-                Ok(_) => self.report_step(what, Ok("accepted".into())),
+            let result = match s.auth_mechanism {
+                Some(AuthMechanism::Xoauth2) => {
+                    step(
+                        Stage::Auth,
+                        s.timeout * 2,
+                        xoauth2(&mut conn, user, &secret),
+                    )
+                    .await
+                }
+                m => {
+                    let mechanisms: &[Mechanism] = match m {
+                        Some(AuthMechanism::Plain) => &[Mechanism::Plain],
+                        Some(AuthMechanism::Login) => &[Mechanism::Login],
+                        _ => &[Mechanism::Plain, Mechanism::Login],
+                    };
+                    let creds = Credentials::new(user.clone(), secret);
+                    step(Stage::Auth, s.timeout, conn.auth(mechanisms, &creds))
+                        .await
+                        .map(|_| ())
+                }
+            };
+            match result {
+                Ok(()) => self.report_step(what, Ok("accepted".into())),
                 Err(f) => {
                     self.report_step(what, Err(self.describe(&f)));
                     // lettre's abort sends QUIT and waits for its reply without a limit.

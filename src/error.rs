@@ -195,6 +195,9 @@ pub enum Error {
     /// error, with its own stable `pop_*` code.
     #[error("pop")]
     Pop { error: crate::pop3::PopError },
+    /// `[smtp] password_command` failed: it could not run, ended with an error or printed nothing.
+    #[error("password_command_failed")]
+    PasswordCommand { detail: String },
     /// With POP-before-SMTP, relaying was refused even right after a fresh POP login.
     #[error("relay_denied")]
     RelayDenied { reply: Reply },
@@ -279,6 +282,7 @@ impl Error {
             Error::SendingLimit { .. } => "sending_limit",
             Error::Pop { error } => error.code(),
             Error::RelayDenied { .. } => "relay_denied",
+            Error::PasswordCommand { .. } => "password_command_failed",
             Error::SenderRefused { .. } => "sender_refused",
             Error::RecipientRefused { .. } => "recipient_refused",
             Error::RecipientDeferred { .. } => "recipient_deferred",
@@ -418,6 +422,13 @@ impl Error {
                 }
             }
             Error::Pop { error } => error.text(ja),
+            Error::PasswordCommand { detail } => {
+                if ja {
+                    format!("パスワードを取得するコマンド (smtp.password_command) が失敗しました ({detail})")
+                } else {
+                    format!("The command that gives the password (smtp.password_command) failed ({detail})")
+                }
+            }
             Error::RelayDenied { reply } => {
                 if ja {
                     format!("POPログイン直後でも中継が拒否されました。POP before SMTPの設定を確認してください ({reply})")

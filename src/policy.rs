@@ -41,6 +41,8 @@ pub enum Problem {
     Client(String),
     /// The POP-before-SMTP login failed.
     Pop(crate::pop3::PopError),
+    /// `[smtp] password_command` failed (how, never what it printed).
+    PasswordCommand(String),
 }
 
 /// The failure that ended a delivery attempt early, and where.
@@ -307,6 +309,9 @@ fn classify_failure(f: &Failure) -> (Class, Error) {
     match &f.problem {
         Problem::Reply(r) => classify_reply(stage, r),
         Problem::Pop(e) => (Class::Account, Error::Pop { error: e.clone() }),
+        Problem::PasswordCommand(d) => {
+            (Class::Account, Error::PasswordCommand { detail: d.clone() })
+        }
         Problem::Connect(detail) => (
             Class::Account,
             Error::ConnectFailed {

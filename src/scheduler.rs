@@ -280,6 +280,31 @@ impl Worker {
             .max()
             .unwrap_or_else(SystemTime::now);
         let settled_sent = claim.settled.iter().any(|(_, s)| s == "sent");
+        // Staging: the mail goes to `redirect_all_to` alone, the original recipients named in a
+        // header (the row keeps them too); that one address is the mail's only recipient.
+        let composed = match &self.cfg.redirect_all_to {
+            None => composed,
+            Some(to) => {
+                let originals: Vec<String> = composed
+                    .recipients
+                    .iter()
+                    .map(|r| format!("{} ({})", r.address, r.kind))
+                    .collect();
+                let mut bytes = format!(
+                    "X-Mailqueue-Original-Recipients: {}\r\n",
+                    originals.join(", ")
+                )
+                .into_bytes();
+                bytes.extend_from_slice(&composed.bytes);
+                message::Composed {
+                    recipients: vec![message::Recipient {
+                        address: to.clone(),
+                        kind: "to",
+                    }],
+                    bytes,
+                }
+            }
+        };
         let pending: Vec<&message::Recipient> = composed
             .recipients
             .iter()
