@@ -148,3 +148,40 @@ fn usage_errors_exit_64() {
         );
     }
 }
+
+/// docs/configuration.md lists every key the code accepts: each field of the file's sections
+/// in src/config.rs (the `Raw*` structs, which `deny_unknown_fields`) appears as `section.key`.
+#[test]
+fn the_configuration_reference_lists_every_key() {
+    let src = std::fs::read_to_string(manifest_dir().join("src/config.rs")).unwrap();
+    let doc = std::fs::read_to_string(manifest_dir().join("docs/configuration.md")).unwrap();
+    let sections = [
+        ("RawQueue", "queue"),
+        ("RawSender", "sender"),
+        ("RawSmtp", "smtp"),
+        ("RawPop", "pop_before_smtp"),
+        ("RawRate", "rate"),
+        ("RawLog", "log"),
+        ("RawMetrics", "metrics"),
+    ];
+    let mut n = 0;
+    for (st, section) in sections {
+        let body = src
+            .split(&format!("struct {st} {{"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("{st}"));
+        let body = body.split("\n}").next().unwrap();
+        for line in body.lines().map(str::trim) {
+            if line.starts_with("//") || line.starts_with('#') || !line.contains(':') {
+                continue;
+            }
+            let key = line.split(':').next().unwrap().trim();
+            assert!(
+                doc.contains(&format!("`{section}.{key}`")),
+                "{section}.{key} is not in docs/configuration.md"
+            );
+            n += 1;
+        }
+    }
+    assert!(n > 40, "found only {n} keys: the parser above is broken");
+}
