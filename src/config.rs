@@ -122,6 +122,8 @@ struct RawSender {
     /// Staging: send every mail to this address instead of its recipients (the originals are
     /// kept in a header and in the row). Never set this in production.
     redirect_all_to: Option<String>,
+    /// "utf-8" (default) or "iso-2022-jp" for the subject, display names and text body.
+    charset: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -241,6 +243,8 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// `[sender] redirect_all_to`: staging mode.
     pub redirect_all_to: Option<Address>,
+    /// `[sender] charset`.
+    pub charset: crate::message::Charset,
 }
 
 /// `[pop_before_smtp]`, enabled.
@@ -634,6 +638,15 @@ impl Validator {
     }
 
     fn config(&mut self, raw: RawConfig, path: &Path) -> Option<Config> {
+        let charset = self.word(
+            "sender.charset",
+            raw.sender.charset.clone(),
+            crate::message::Charset::Utf8,
+            &[
+                ("utf-8", crate::message::Charset::Utf8),
+                ("iso-2022-jp", crate::message::Charset::Iso2022Jp),
+            ],
+        );
         let redirect_all_to =
             raw.sender
                 .redirect_all_to
@@ -677,6 +690,7 @@ impl Validator {
             pop,
             metrics_listen,
             redirect_all_to,
+            charset,
         })
     }
 
@@ -1127,6 +1141,9 @@ impl Config {
             self.sender.envelope_from.to_string()
         );
         out += &format!("local_hostname = {:?}\n", self.sender.local_hostname);
+        if self.charset == crate::message::Charset::Iso2022Jp {
+            out += "charset = \"iso-2022-jp\"\n";
+        }
         if let Some(r) = &self.redirect_all_to {
             out += &format!(
                 "redirect_all_to = {:?}   # STAGING: every mail goes here\n",

@@ -126,8 +126,199 @@ fn no_controls(column: &str, v: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Builds the mail for a claimed row.
+/// How the text part and the header texts (subject, display names) are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Charset {
+    /// UTF-8 (RFC 2047 encoded words, base64 or quoted-printable bodies).
+    #[default]
+    Utf8,
+    /// ISO-2022-JP, 7bit (RFC 1468): what older Japanese mail clients and phones read best.
+    /// HTML parts stay UTF-8.
+    Iso2022Jp,
+}
+
+/// Builds the mail for a claimed row, in UTF-8.
 pub fn compose(claim: &Claim, sender: &SenderConfig, max_size: u64) -> Result<Composed, Error> {
+    compose_with(claim, sender, max_size, Charset::Utf8).map(|(c, _)| c)
+}
+
+/// ISO-2022-JP bytes of `s`, or `None` if it has a character ISO-2022-JP cannot carry.
+fn iso2022jp(s: &str) -> Option<Vec<u8>> {
+    let (bytes, _, unmappable) = encoding_rs::ISO_2022_JP.encode(s);
+    (!unmappable).then(|| bytes.into_owned())
+}
+
+/// RFC 2047 encoded words in ISO-2022-JP, each a self-contained piece of at most 75 characters
+/// (RFC 1468: every word ends back in ASCII), folded with CRLF + space.
+fn iso_words(s: &str) -> Option<String> {
+    use base64::Engine;
+    if s.is_ascii() && !s.contains("=?") {
+        return Some(s.to_string());
+    }
+    let mut words = Vec::new();
+    let mut chunk = String::new();
+    for c in s.chars() {
+        let mut next = chunk.clone();
+        next.push(c);
+        if iso2022jp(&next)?.len() > 39 && !chunk.is_empty() {
+            words.push(std::mem::take(&mut chunk));
+            chunk.push(c);
+        } else {
+            chunk = next;
+        }
+    }
+    if !chunk.is_empty() {
+        words.push(chunk);
+    }
+    let encoded: Option<Vec<String>> = words
+        .iter()
+        .map(|w| {
+            iso2022jp(w).map(|b| {
+                format!(
+                    "=?ISO-2022-JP?B?{}?=",
+                    base64::engine::general_purpose::STANDARD.encode(b)
+                )
+            })
+        })
+        .collect();
+    Some(encoded?.join("\r\n "))
+}
+
+/// A mailbox list as a header value with ISO-2022-JP display names.
+fn iso_mailboxes(list: &[Mailbox]) -> Option<String> {
+    let parts: Option<Vec<String>> = list
+        .iter()
+        .map(|m| match &m.name {
+            Some(n) if !n.is_empty() => {
+                let name = if n.is_ascii() {
+                    format!("\"{}\"", n.replace('\\', "\\\\").replace('"', "\\\""))
+                } else {
+                    iso_words(n)?
+                };
+                Some(format!("{name} <{}>", m.email))
+            }
+            _ => Some(m.email.to_string()),
+        })
+        .collect();
+    Some(parts?.join(",\r\n "))
+}
+
+fn raw(name: &'static str, value: String) -> lettre::message::header::HeaderValue {
+    lettre::message::header::HeaderValue::dangerous_new_pre_encoded(
+        lettre::message::header::HeaderName::new_from_ascii_str(name),
+        value.clone(),
+        value,
+    )
+}
+
+/// Builds the mail for a claimed row in `charset`. With ISO-2022-JP, a mail with a character
+/// ISO-2022-JP cannot carry goes out in UTF-8; the second value then says why, for the log.
+pub fn compose_with(
+    claim: &Claim,
+    sender: &SenderConfig,
+    max_size: u64,
+    charset: Charset,
+) -> Result<(Composed, Option<String>), Error> {
+    if charset == Charset::Iso2022Jp {
+        match compose_iso(claim, sender, max_size)? {
+            Some(c) => return Ok((c, None)),
+            None => {
+                let c = compose(claim, sender, max_size)?;
+                return Ok((
+                    c,
+                    Some("it has characters ISO-2022-JP cannot carry; sent as UTF-8".into()),
+                ));
+            }
+        }
+    }
+    compose_utf8(claim, sender, max_size).map(|c| (c, None))
+}
+
+/// The ISO-2022-JP mail, or `None` if some text cannot be carried in it.
+fn compose_iso(
+    claim: &Claim,
+    sender: &SenderConfig,
+    max_size: u64,
+) -> Result<Option<Composed>, Error> {
+    use lettre::message::header::ContentTransferEncoding;
+    use lettre::message::Body;
+    // Validation and the envelope come from the UTF-8 build; then the headers and the text part
+    // are replaced by their ISO-2022-JP forms.
+    let utf8 = compose_utf8(claim, sender, max_size)?;
+    let to = parse_list("to_addrs", &claim.to_addrs)?;
+    let cc = parse_list("cc_addrs", &claim.cc_addrs)?;
+    let reply_to = parse_list("reply_to", &claim.reply_to)?;
+    let text = claim
+        .body_text
+        .replace("\r\n", "\n")
+        .replace('\r', "\n")
+        .replace('\n', "\r\n");
+    let (Some(subject), Some(from), Some(to_h), Some(cc_h), Some(rt_h), Some(body)) = (
+        iso_words(&claim.subject),
+        iso_mailboxes(std::slice::from_ref(&sender.from)),
+        iso_mailboxes(&to),
+        iso_mailboxes(&cc),
+        iso_mailboxes(&reply_to),
+        iso2022jp(&text),
+    ) else {
+        return Ok(None);
+    };
+    let Ok(body) = Body::new_with_encoding(body, ContentTransferEncoding::SevenBit) else {
+        return Ok(None); // a line too long for 7bit
+    };
+    let all: Vec<Address> = utf8.recipients.iter().map(|r| r.address.clone()).collect();
+    let envelope = lettre::address::Envelope::new(Some(sender.envelope_from.clone()), all)
+        .map_err(|e| Error::InvalidRow {
+            detail: format!("envelope: {e}"),
+        })?;
+    let mut b = lettre::Message::builder()
+        .from(Mailbox::new(None, sender.from.email.clone()))
+        .message_id(Some(claim.message_id.clone()))
+        .envelope(envelope)
+        .raw_header(raw("From", from))
+        .raw_header(raw("Subject", subject));
+    if !to.is_empty() {
+        b = b.raw_header(raw("To", to_h));
+    }
+    if !cc.is_empty() {
+        b = b.raw_header(raw("Cc", cc_h));
+    }
+    if !reply_to.is_empty() {
+        b = b.raw_header(raw("Reply-To", rt_h));
+    }
+    let iso_text = SinglePart::builder()
+        .content_type(
+            ContentType::parse("text/plain; charset=ISO-2022-JP").expect("a valid content type"),
+        )
+        .body(body);
+    let msg = match &claim.body_html {
+        Some(html) if !html.trim().is_empty() => b.multipart(
+            MultiPart::alternative().singlepart(iso_text).singlepart(
+                SinglePart::builder()
+                    .content_type(ContentType::TEXT_HTML)
+                    .body(html.clone()),
+            ),
+        ),
+        _ => b.singlepart(iso_text),
+    }
+    .map_err(|e| Error::InvalidRow {
+        detail: e.to_string(),
+    })?;
+    let bytes = msg.formatted();
+    if bytes.len() as u64 > max_size {
+        return Err(Error::TooLarge {
+            size: bytes.len() as u64,
+            max: max_size,
+        });
+    }
+    Ok(Some(Composed {
+        recipients: utf8.recipients,
+        bytes,
+    }))
+}
+
+/// The UTF-8 mail.
+fn compose_utf8(claim: &Claim, sender: &SenderConfig, max_size: u64) -> Result<Composed, Error> {
     no_controls("subject", &claim.subject)?;
     if let Some(sa) = &claim.send_after {
         if crate::store::parse_ts(sa).is_none() {
@@ -295,6 +486,38 @@ mod tests {
         assert!(!text.to_ascii_lowercase().contains("bcc:"), "{text}");
         assert!(!text.contains("hidden@example.net"));
         assert!(text.contains("\r\n"));
+    }
+
+    #[test]
+    fn iso_2022_jp_headers_and_body_are_7bit_and_fall_back_to_utf8() {
+        let mut c = claim("山田 太郎 <yamada@example.jp>");
+        c.subject =
+            "活動報告：株式会社サンプル訪問の件について、長い件名でも正しく折り返されること".into();
+        let (m, note) = compose_with(&c, &sender(), 1 << 20, Charset::Iso2022Jp).unwrap();
+        assert!(note.is_none());
+        let text = String::from_utf8(m.bytes.clone()).expect("ASCII");
+        assert!(text.is_ascii(), "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("charset=iso-2022-jp")
+                && text.contains("Content-Transfer-Encoding: 7bit"),
+            "{text}"
+        );
+        assert!(text.contains("Subject: =?ISO-2022-JP?B?"), "{text}");
+        // RFC 2047: an encoded word is at most 75 characters; long subjects fold into several.
+        let words: Vec<&str> = text
+            .split_whitespace()
+            .filter(|w| w.starts_with("=?ISO-2022-JP?B?"))
+            .collect();
+        assert!(
+            words.len() >= 3 && words.iter().all(|w| w.len() <= 75),
+            "{words:?}"
+        );
+        c.subject = "絵文字 🎉".into();
+        let (m, note) = compose_with(&c, &sender(), 1 << 20, Charset::Iso2022Jp).unwrap();
+        assert!(note.unwrap().contains("UTF-8"));
+        assert!(String::from_utf8(m.bytes)
+            .unwrap()
+            .contains("charset=utf-8"));
     }
 
     #[test]

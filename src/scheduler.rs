@@ -234,11 +234,21 @@ impl Worker {
         let lang = self.lang();
         let test_mail = claim.max_attempts == Some(1);
         let max_rcpts = self.cfg.queue.max_recipients as usize;
-        let composed = match message::compose(
+        let composed = match message::compose_with(
             &claim,
             &self.cfg.sender,
             self.cfg.queue.max_message_size,
+            self.cfg.charset,
         )
+        .map(|(c, note)| {
+            if let Some(note) = note {
+                tracing::info!(
+                    mail_id = claim.id,
+                    "The mail goes out in UTF-8 instead of ISO-2022-JP: {note}."
+                );
+            }
+            c
+        })
         .and_then(|c| {
             if c.recipients.len() > max_rcpts {
                 Err(Error::InvalidRow {

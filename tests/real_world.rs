@@ -271,3 +271,52 @@ fn xoauth2_with_gmails_failure_sequence() {
     once(&s);
     assert_eq!(db.status(id), "sent", "{}", db.row(id));
 }
+
+#[test]
+fn iso_2022_jp_mails_decode_with_a_real_mime_parser_and_fall_back_to_utf8() {
+    let server = SmtpServer::start(NO_ARGS);
+    let s = setup(server.port, |t| {
+        t.replace("[sender]\n", "[sender]\ncharset = \"iso-2022-jp\"\n")
+    });
+    let db = Db::open(&s.db_path);
+    let subject =
+        "活動報告：株式会社サンプル訪問の件（長い件名は複数の encoded-word に分かれます）";
+    let body = "本日の訪問結果を報告します。\n次回は来週火曜日です。\n";
+    let jp = db.insert_cols(&[
+        ("to_addrs", &"山田 太郎 <yamada@example.jp>"),
+        ("subject", &subject),
+        ("body_text", &body),
+    ]);
+    let emoji = db.insert_cols(&[
+        ("to_addrs", &"a@example.com"),
+        ("subject", &"お祝い 🎉"),
+        ("body_text", &"おめでとう 🎉"),
+    ]);
+    let out = once(&s);
+    assert_eq!(db.status(jp), "sent");
+    assert_eq!(db.status(emoji), "sent");
+    let msgs = server.wait_for_messages(2, std::time::Duration::from_secs(30));
+    let m = &msgs[0];
+    let raw = String::from_utf8(m.raw.clone()).expect("7bit");
+    assert!(
+        raw.is_ascii() && raw.to_ascii_lowercase().contains("charset=iso-2022-jp"),
+        "{raw}"
+    );
+    assert_eq!(m.subject().as_deref(), Some(subject));
+    assert_eq!(m.from_name().as_deref(), Some("CRM 通知"));
+    let parsed = m.parsed();
+    let to = parsed.to().unwrap().first().unwrap();
+    assert_eq!(to.name(), Some("山田 太郎"));
+    assert_eq!(m.body_text().unwrap().replace("\r\n", "\n").trim_end(), body.trim_end());
+    // A character ISO-2022-JP cannot carry: the mail goes out in UTF-8, and the log says so.
+    let e = &msgs[1];
+    assert!(String::from_utf8_lossy(&e.raw)
+        .to_ascii_lowercase()
+        .contains("charset=utf-8"));
+    assert_eq!(e.subject().as_deref(), Some("お祝い 🎉"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("instead of ISO-2022-JP"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
