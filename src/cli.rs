@@ -154,6 +154,34 @@ pub struct EnqueueArgs {
     /// Not before this time (e.g. 2026-12-24T09:00:00Z).
     #[arg(long)]
     send_after: Option<String>,
+    /// Attach a file (repeatable); it is stored in the queue.
+    #[arg(long)]
+    attach: Vec<PathBuf>,
+    /// An extra header line, e.g. "In-Reply-To: <id@example.com>" (repeatable).
+    #[arg(long)]
+    header: Vec<String>,
+}
+
+/// A MIME type from a file name's extension (the common ones; else application/octet-stream).
+fn content_type_of(p: &Path) -> &'static str {
+    match p
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .as_deref()
+    {
+        Some("pdf") => "application/pdf",
+        Some("txt") => "text/plain; charset=utf-8",
+        Some("csv") => "text/csv; charset=utf-8",
+        Some("html" | "htm") => "text/html; charset=utf-8",
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("gif") => "image/gif",
+        Some("zip") => "application/zip",
+        Some("xlsx") => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        Some("docx") => "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        _ => "application/octet-stream",
+    }
 }
 
 /// Parses the command line and runs it; returns the process exit status.
@@ -423,6 +451,27 @@ async fn admin(cmd: Command, cfg: &Config, store: &Store) -> Result<i32, Error> 
                 (None, None) => unreachable!("clap requires one"),
             };
             let body_html = a.html_file.as_deref().map(read_file).transpose()?;
+            let headers = if a.header.is_empty() {
+                None
+            } else {
+                Some(a.header.join("\n"))
+            };
+            if let Some(h) = &headers {
+                crate::message::extra_headers(h).map_err(|e| Error::Usage {
+                    detail: e.text(Lang::En),
+                })?;
+            }
+            let mut attachments = Vec::new();
+            for f in &a.attach {
+                let content = std::fs::read(f).map_err(|e| Error::Usage {
+                    detail: format!("cannot read {}: {e}", f.display()),
+                })?;
+                let name = f
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "attachment".into());
+                attachments.push((name, content_type_of(f).to_string(), content));
+            }
             let send_after = match a.send_after {
                 None => None,
                 Some(s) => Some(store::ts(store::parse_ts(&s).ok_or_else(|| {
@@ -444,6 +493,8 @@ async fn admin(cmd: Command, cfg: &Config, store: &Store) -> Result<i32, Error> 
                     priority: a.priority,
                     send_after,
                     max_attempts: None,
+                    headers,
+                    attachments,
                 })
                 .await?;
             println!("{id}");

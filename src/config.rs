@@ -106,6 +106,8 @@ struct RawQueue {
     on_doubt: Option<String>,
     /// The most envelope recipients (To + Cc + Bcc) one mail may have. Default 100.
     max_recipients: Option<u32>,
+    /// The directory attachment `path`s are read from (and must stay under). Off by default.
+    attachments_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -295,6 +297,8 @@ pub struct QueueConfig {
     pub on_doubt: crate::policy::OnDoubt,
     /// The most envelope recipients one mail may have.
     pub max_recipients: u32,
+    /// Where attachment paths are read from.
+    pub attachments_dir: Option<PathBuf>,
 }
 
 /// `[sender]`.
@@ -869,6 +873,7 @@ impl Validator {
                 Some(n) => n,
                 None => 100,
             },
+            attachments_dir: q.attachments_dir,
         }
     }
 

@@ -137,9 +137,181 @@ pub enum Charset {
     Iso2022Jp,
 }
 
+/// What a row carries besides its columns: extra headers and attachments (loaded after the
+/// claim).
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    /// `mail_queue.headers`: `Name: value` lines.
+    pub headers: Option<String>,
+    /// The attachments, files read.
+    pub attachments: Vec<AttachmentData>,
+}
+
+/// One attachment, ready to attach.
+#[derive(Debug, Clone)]
+pub struct AttachmentData {
+    /// The file name shown to the recipient.
+    pub file_name: String,
+    /// Its MIME type.
+    pub content_type: String,
+    /// Its bytes.
+    pub content: Vec<u8>,
+}
+
+/// The extra headers a CRM may set: threading, unsubscribe, and its own `X-` headers.
+const ALLOWED_HEADERS: &[&str] = &[
+    "In-Reply-To",
+    "References",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+    "List-Id",
+];
+
+/// Validates `headers` (one `Name: value` per line) into header values.
+pub fn extra_headers(text: &str) -> Result<Vec<lettre::message::header::HeaderValue>, Error> {
+    let bad = |detail: String| Error::InvalidRow {
+        detail: format!("headers: {detail}"),
+    };
+    let mut out = Vec::new();
+    for line in text
+        .split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .filter(|l| !l.trim().is_empty())
+    {
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| bad(format!("{line:?} is not `Name: value`")))?;
+        let name = name.trim();
+        let value = value.trim();
+        let allowed = ALLOWED_HEADERS
+            .iter()
+            .find(|h| h.eq_ignore_ascii_case(name))
+            .copied();
+        let x_header = name.len() > 2
+            && name[..2].eq_ignore_ascii_case("x-")
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let Some(canonical) = allowed
+            .map(str::to_string)
+            .or_else(|| x_header.then(|| name.to_string()))
+        else {
+            return Err(bad(format!(
+                "{name:?} is not allowed (only {} and X- headers)",
+                ALLOWED_HEADERS.join(", ")
+            )));
+        };
+        if value.is_empty()
+            || !value.is_ascii()
+            || value.chars().any(|c| c.is_control())
+            || value.len() > 900
+        {
+            return Err(bad(format!(
+                "the value of {name} must be non-empty printable ASCII of at most 900 characters"
+            )));
+        }
+        let hname = lettre::message::header::HeaderName::new_from_ascii(canonical)
+            .map_err(|e| bad(e.to_string()))?;
+        out.push(lettre::message::header::HeaderValue::new(
+            hname,
+            value.to_string(),
+        ));
+    }
+    Ok(out)
+}
+
+/// Reads attachment rows into attachments: a path must lie under `dir`. Blocking (file reads):
+/// call it off the async runtime.
+pub fn load_attachments(
+    rows: Vec<crate::store::AttachmentRow>,
+    dir: Option<&std::path::Path>,
+) -> Result<Vec<AttachmentData>, Error> {
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, r) in rows.into_iter().enumerate() {
+        let bad = |d: String| Error::InvalidRow {
+            detail: format!("attachment {} ({}): {d}", i + 1, r.file_name),
+        };
+        if r.file_name.trim().is_empty() || r.file_name.chars().any(|c| c.is_control()) {
+            return Err(bad("file_name is empty or has control characters".into()));
+        }
+        if ContentType::parse(&r.content_type).is_err() {
+            return Err(bad(format!("{:?} is not a content type", r.content_type)));
+        }
+        let content = match (r.content.clone(), &r.path) {
+            (Some(c), _) => c,
+            (None, Some(p)) => {
+                let Some(dir) = dir else {
+                    return Err(bad("a path, but [queue] attachments_dir is not set".into()));
+                };
+                let base = std::fs::canonicalize(dir)
+                    .map_err(|e| bad(format!("attachments_dir {}: {e}", dir.display())))?;
+                let file = std::fs::canonicalize(base.join(p))
+                    .map_err(|e| bad(format!("cannot read {p}: {e}")))?;
+                if !file.starts_with(&base) {
+                    return Err(bad(format!("{p} is outside attachments_dir")));
+                }
+                std::fs::read(&file).map_err(|e| bad(format!("cannot read {p}: {e}")))?
+            }
+            (None, None) => return Err(bad("neither content nor path".into())),
+        };
+        out.push(AttachmentData {
+            file_name: r.file_name,
+            content_type: r.content_type,
+            content,
+        });
+    }
+    Ok(out)
+}
+
+/// The body: the text part, an HTML alternative, attachments around them.
+fn assemble(
+    b: lettre::message::MessageBuilder,
+    text: SinglePart,
+    html: Option<&String>,
+    extras: &Extras,
+) -> Result<lettre::Message, Error> {
+    let mut b = b;
+    if let Some(h) = &extras.headers {
+        for v in extra_headers(h)? {
+            b = b.raw_header(v);
+        }
+    }
+    let alternative = match html {
+        Some(h) if !h.trim().is_empty() => Some(
+            MultiPart::alternative()
+                .singlepart(text.clone())
+                .singlepart(
+                    SinglePart::builder()
+                        .content_type(ContentType::TEXT_HTML)
+                        .body(h.clone()),
+                ),
+        ),
+        _ => None,
+    };
+    let msg = if extras.attachments.is_empty() {
+        match alternative {
+            Some(m) => b.multipart(m),
+            None => b.singlepart(text),
+        }
+    } else {
+        let mut mixed = match alternative {
+            Some(m) => MultiPart::mixed().multipart(m),
+            None => MultiPart::mixed().singlepart(text),
+        };
+        for a in &extras.attachments {
+            let ct = ContentType::parse(&a.content_type).unwrap_or(ContentType::TEXT_PLAIN);
+            mixed = mixed.singlepart(
+                lettre::message::Attachment::new(a.file_name.clone()).body(a.content.clone(), ct),
+            );
+        }
+        b.multipart(mixed)
+    };
+    msg.map_err(|e| Error::InvalidRow {
+        detail: e.to_string(),
+    })
+}
+
 /// Builds the mail for a claimed row, in UTF-8.
 pub fn compose(claim: &Claim, sender: &SenderConfig, max_size: u64) -> Result<Composed, Error> {
-    compose_with(claim, sender, max_size, Charset::Utf8).map(|(c, _)| c)
+    compose_utf8(claim, sender, max_size, &Extras::default())
 }
 
 /// ISO-2022-JP bytes of `s`, or `None` if it has a character ISO-2022-JP cannot carry.
@@ -219,11 +391,22 @@ pub fn compose_with(
     max_size: u64,
     charset: Charset,
 ) -> Result<(Composed, Option<String>), Error> {
+    compose_full(claim, sender, max_size, charset, &Extras::default())
+}
+
+/// [`compose_with`], with the row's extra headers and attachments.
+pub fn compose_full(
+    claim: &Claim,
+    sender: &SenderConfig,
+    max_size: u64,
+    charset: Charset,
+    extras: &Extras,
+) -> Result<(Composed, Option<String>), Error> {
     if charset == Charset::Iso2022Jp {
-        match compose_iso(claim, sender, max_size)? {
+        match compose_iso(claim, sender, max_size, extras)? {
             Some(c) => return Ok((c, None)),
             None => {
-                let c = compose(claim, sender, max_size)?;
+                let c = compose_utf8(claim, sender, max_size, extras)?;
                 return Ok((
                     c,
                     Some("it has characters ISO-2022-JP cannot carry; sent as UTF-8".into()),
@@ -231,7 +414,7 @@ pub fn compose_with(
             }
         }
     }
-    compose_utf8(claim, sender, max_size).map(|c| (c, None))
+    compose_utf8(claim, sender, max_size, extras).map(|c| (c, None))
 }
 
 /// The ISO-2022-JP mail, or `None` if some text cannot be carried in it.
@@ -239,12 +422,13 @@ fn compose_iso(
     claim: &Claim,
     sender: &SenderConfig,
     max_size: u64,
+    extras: &Extras,
 ) -> Result<Option<Composed>, Error> {
     use lettre::message::header::ContentTransferEncoding;
     use lettre::message::Body;
     // Validation and the envelope come from the UTF-8 build; then the headers and the text part
     // are replaced by their ISO-2022-JP forms.
-    let utf8 = compose_utf8(claim, sender, max_size)?;
+    let utf8 = compose_utf8(claim, sender, max_size, extras)?;
     let to = parse_list("to_addrs", &claim.to_addrs)?;
     let cc = parse_list("cc_addrs", &claim.cc_addrs)?;
     let reply_to = parse_list("reply_to", &claim.reply_to)?;
@@ -291,19 +475,7 @@ fn compose_iso(
             ContentType::parse("text/plain; charset=ISO-2022-JP").expect("a valid content type"),
         )
         .body(body);
-    let msg = match &claim.body_html {
-        Some(html) if !html.trim().is_empty() => b.multipart(
-            MultiPart::alternative().singlepart(iso_text).singlepart(
-                SinglePart::builder()
-                    .content_type(ContentType::TEXT_HTML)
-                    .body(html.clone()),
-            ),
-        ),
-        _ => b.singlepart(iso_text),
-    }
-    .map_err(|e| Error::InvalidRow {
-        detail: e.to_string(),
-    })?;
+    let msg = assemble(b, iso_text, claim.body_html.as_ref(), extras)?;
     let bytes = msg.formatted();
     if bytes.len() as u64 > max_size {
         return Err(Error::TooLarge {
@@ -318,7 +490,12 @@ fn compose_iso(
 }
 
 /// The UTF-8 mail.
-fn compose_utf8(claim: &Claim, sender: &SenderConfig, max_size: u64) -> Result<Composed, Error> {
+fn compose_utf8(
+    claim: &Claim,
+    sender: &SenderConfig,
+    max_size: u64,
+    extras: &Extras,
+) -> Result<Composed, Error> {
     no_controls("subject", &claim.subject)?;
     if let Some(sa) = &claim.send_after {
         if crate::store::parse_ts(sa).is_none() {
@@ -378,19 +555,7 @@ fn compose_utf8(claim: &Claim, sender: &SenderConfig, max_size: u64) -> Result<C
     let text = SinglePart::builder()
         .content_type(ContentType::TEXT_PLAIN)
         .body(claim.body_text.clone());
-    let msg = match &claim.body_html {
-        Some(html) if !html.trim().is_empty() => b.multipart(
-            MultiPart::alternative().singlepart(text).singlepart(
-                SinglePart::builder()
-                    .content_type(ContentType::TEXT_HTML)
-                    .body(html.clone()),
-            ),
-        ),
-        _ => b.singlepart(text),
-    }
-    .map_err(|e| Error::InvalidRow {
-        detail: e.to_string(),
-    })?;
+    let msg = assemble(b, text, claim.body_html.as_ref(), extras)?;
     let bytes = msg.formatted();
     if bytes.len() as u64 > max_size {
         return Err(Error::TooLarge {

@@ -234,33 +234,46 @@ impl Worker {
         let lang = self.lang();
         let test_mail = claim.max_attempts == Some(1);
         let max_rcpts = self.cfg.queue.max_recipients as usize;
-        let composed = match message::compose_with(
-            &claim,
-            &self.cfg.sender,
-            self.cfg.queue.max_message_size,
-            self.cfg.charset,
-        )
-        .map(|(c, note)| {
-            if let Some(note) = note {
-                tracing::info!(
-                    mail_id = claim.id,
-                    "The mail goes out in UTF-8 instead of ISO-2022-JP: {note}."
-                );
+        let extras = match self.extras(&claim).await {
+            Ok(x) => x,
+            Err(e) => {
+                // A database error: give the claim back and let the loop back off.
+                tracing::error!(mail_id = claim.id, error = %e.text(Lang::En), "Cannot read the row's attachments; trying again later.");
+                self.release(&claim).await;
+                return None;
             }
-            c
-        })
-        .and_then(|c| {
-            if c.recipients.len() > max_rcpts {
-                Err(Error::InvalidRow {
-                    detail: format!(
-                        "{} recipients, more than queue.max_recipients ({max_rcpts})",
-                        c.recipients.len()
-                    ),
-                })
-            } else {
-                Ok(c)
-            }
-        }) {
+        };
+        let composed = match extras
+            .and_then(|x| {
+                message::compose_full(
+                    &claim,
+                    &self.cfg.sender,
+                    self.cfg.queue.max_message_size,
+                    self.cfg.charset,
+                    &x,
+                )
+            })
+            .map(|(c, note)| {
+                if let Some(note) = note {
+                    tracing::info!(
+                        mail_id = claim.id,
+                        "The mail goes out in UTF-8 instead of ISO-2022-JP: {note}."
+                    );
+                }
+                c
+            })
+            .and_then(|c| {
+                if c.recipients.len() > max_rcpts {
+                    Err(Error::InvalidRow {
+                        detail: format!(
+                            "{} recipients, more than queue.max_recipients ({max_rcpts})",
+                            c.recipients.len()
+                        ),
+                    })
+                } else {
+                    Ok(c)
+                }
+            }) {
             Ok(c) => c,
             Err(e) => {
                 let rec = Record {
@@ -486,6 +499,27 @@ impl Worker {
             );
         }
         Some(self.write(rec).await)
+    }
+
+    /// The row's extra headers and attachments: `Err` for a database error (try again later),
+    /// `Ok(Err)` for a row whose attachments cannot be used (fail the row).
+    async fn extras(&self, claim: &Claim) -> Result<Result<message::Extras, Error>, Error> {
+        let (headers, rows) = self.store.extras(claim.id).await?;
+        if rows.is_empty() {
+            return Ok(Ok(message::Extras {
+                headers,
+                attachments: vec![],
+            }));
+        }
+        let dir = self.cfg.queue.attachments_dir.clone();
+        let loaded =
+            tokio::task::spawn_blocking(move || message::load_attachments(rows, dir.as_deref()))
+                .await
+                .map_err(|e| Error::db(format!("attachment task failed: {e}")))?;
+        Ok(loaded.map(|attachments| message::Extras {
+            headers,
+            attachments,
+        }))
     }
 
     /// Gives a claimed row back (stopping during the pace wait), retrying like [`Self::write`].

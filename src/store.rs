@@ -97,6 +97,20 @@ CREATE TABLE queue_state (
 );
 INSERT INTO queue_state (id) VALUES (1);
 "#,
+    // 2: attachments and a few extra headers, so a CRM can attach files and thread its reports.
+    r#"
+ALTER TABLE mail_queue ADD COLUMN headers TEXT;
+CREATE TABLE mail_attachment (
+    id           INTEGER PRIMARY KEY,
+    mail_id      INTEGER NOT NULL REFERENCES mail_queue(id) ON DELETE CASCADE,
+    file_name    TEXT    NOT NULL,
+    content_type TEXT    NOT NULL DEFAULT 'application/octet-stream',
+    content      BLOB,
+    path         TEXT,
+    CHECK ((content IS NULL) <> (path IS NULL))
+);
+CREATE INDEX mail_attachment_mail ON mail_attachment (mail_id);
+"#,
 ];
 
 /// The schema version this build writes.
@@ -268,6 +282,10 @@ pub struct NewMail {
     pub send_after: Option<String>,
     /// `max_attempts`.
     pub max_attempts: Option<u32>,
+    /// `headers`: extra header lines.
+    pub headers: Option<String>,
+    /// Attachments stored in the row: file name, content type, content.
+    pub attachments: Vec<(String, String, Vec<u8>)>,
 }
 
 /// Counts and the oldest waiting mail, for `mailqueue status`.
@@ -687,10 +705,11 @@ impl Store {
         self.call(move |c| {
             let attempts = if status == "sending" { 1 } else { 0 };
             let msgid = msgid_domain.map(|d| format!("<{}@{}>", uuid::Uuid::new_v4().simple(), d));
-            c.execute(
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
                 "INSERT INTO mail_queue (to_addrs, cc_addrs, bcc_addrs, subject, body_text, body_html, priority,
-                                         send_after, max_attempts, status, attempts, message_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                                         send_after, max_attempts, status, attempts, message_id, headers)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 params![
                     m.to,
                     m.cc,
@@ -703,10 +722,19 @@ impl Store {
                     m.max_attempts,
                     status,
                     attempts,
-                    msgid
+                    msgid,
+                    m.headers
                 ],
             )?;
-            Ok(c.last_insert_rowid())
+            let id = tx.last_insert_rowid();
+            for (name, ct, content) in &m.attachments {
+                tx.execute(
+                    "INSERT INTO mail_attachment (mail_id, file_name, content_type, content) VALUES (?1, ?2, ?3, ?4)",
+                    params![id, name, ct, content],
+                )?;
+            }
+            tx.commit()?;
+            Ok(id)
         })
         .await
     }
@@ -868,6 +896,7 @@ impl Store {
                     for id in &ids {
                         tx.execute("DELETE FROM mail_recipient WHERE mail_id = ?1", params![id])?;
                         tx.execute("DELETE FROM mail_attempt WHERE mail_id = ?1", params![id])?;
+                        tx.execute("DELETE FROM mail_attachment WHERE mail_id = ?1", params![id])?;
                         tx.execute("DELETE FROM mail_queue WHERE id = ?1", params![id])?;
                     }
                     tx.commit()?;
@@ -955,6 +984,40 @@ impl DaemonLock {
         let _ = file.rewind();
         let _ = write!(file, "{}", std::process::id());
         Ok(DaemonLock { _file: file })
+    }
+}
+
+/// An attachment row as the CRM wrote it.
+#[derive(Debug, Clone)]
+pub struct AttachmentRow {
+    /// `file_name` (shown to the recipient; Japanese names are encoded per RFC 2231).
+    pub file_name: String,
+    /// `content_type`, e.g. `application/pdf`.
+    pub content_type: String,
+    /// `content`, when the file is in the row.
+    pub content: Option<Vec<u8>>,
+    /// `path`, when the file is on disk under `[queue] attachments_dir`.
+    pub path: Option<String>,
+}
+
+impl Store {
+    /// The row's extra headers and attachment rows (read after the claim, outside its
+    /// transaction: attachments can be large).
+    pub async fn extras(&self, id: i64) -> Result<(Option<String>, Vec<AttachmentRow>), Error> {
+        self.call(move |c| {
+            let headers: Option<String> =
+                c.query_row("SELECT headers FROM mail_queue WHERE id = ?1", params![id], |r| r.get(0))?;
+            let mut st = c.prepare_cached(
+                "SELECT file_name, content_type, content, path FROM mail_attachment WHERE mail_id = ?1 ORDER BY id",
+            )?;
+            let rows = st
+                .query_map(params![id], |r| {
+                    Ok(AttachmentRow { file_name: r.get(0)?, content_type: r.get(1)?, content: r.get(2)?, path: r.get(3)? })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((headers, rows))
+        })
+        .await
     }
 }
 

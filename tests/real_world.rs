@@ -8,6 +8,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use mail_parser::MimeHeaders;
 use support::*;
 
 struct Setup {
@@ -307,7 +308,10 @@ fn iso_2022_jp_mails_decode_with_a_real_mime_parser_and_fall_back_to_utf8() {
     let parsed = m.parsed();
     let to = parsed.to().unwrap().first().unwrap();
     assert_eq!(to.name(), Some("山田 太郎"));
-    assert_eq!(m.body_text().unwrap().replace("\r\n", "\n").trim_end(), body.trim_end());
+    assert_eq!(
+        m.body_text().unwrap().replace("\r\n", "\n").trim_end(),
+        body.trim_end()
+    );
     // A character ISO-2022-JP cannot carry: the mail goes out in UTF-8, and the log says so.
     let e = &msgs[1];
     assert!(String::from_utf8_lossy(&e.raw)
@@ -319,4 +323,125 @@ fn iso_2022_jp_mails_decode_with_a_real_mime_parser_and_fall_back_to_utf8() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn attachments_and_thread_headers_arrive_intact() {
+    let server = SmtpServer::start(NO_ARGS);
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(files.path().join("見積書.csv"), "品目,金額\n保守,10000\n").unwrap();
+    let dir = files.path().to_str().unwrap().to_string();
+    let s = setup(server.port, move |t| {
+        t.replace(
+            "[queue]\n",
+            &format!(
+                "[queue]\nattachments_dir = {}\nmax_message_size = 20000\n",
+                toml_str(&dir)
+            ),
+        )
+    });
+    let db = Db::open(&s.db_path);
+    let pdf: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    db.execute("BEGIN IMMEDIATE");
+    let id = db.insert_cols(&[
+        ("to_addrs", &"a@example.com"),
+        ("subject", &"活動報告"),
+        ("body_text", &"添付をご確認ください。"),
+        ("body_html", &"<p>添付をご確認ください。</p>"),
+        ("headers", &"In-Reply-To: <report-41@crm.example.com>\nReferences: <report-40@crm.example.com> <report-41@crm.example.com>\nX-CRM-Activity: 12345"),
+    ]);
+    db.conn
+        .execute(
+            "INSERT INTO mail_attachment (mail_id, file_name, content_type, content) VALUES (?1, '報告書 2026年12月.pdf', 'application/pdf', ?2)",
+            rusqlite::params![id, pdf],
+        )
+        .unwrap();
+    db.conn
+        .execute(
+            "INSERT INTO mail_attachment (mail_id, file_name, content_type, path) VALUES (?1, '見積書.csv', 'text/csv; charset=utf-8', '見積書.csv')",
+            rusqlite::params![id],
+        )
+        .unwrap();
+    db.execute("COMMIT");
+    // Rows that must fail, with a reason: a header not allowed, a path outside the directory,
+    // attachments over max_message_size.
+    let bad_header = db.insert_cols(&[
+        ("to_addrs", &"a@example.com"),
+        ("subject", &"s"),
+        ("headers", &"Bcc: evil@example.com"),
+    ]);
+    let outside = db.insert_cols(&[("to_addrs", &"a@example.com"), ("subject", &"s")]);
+    db.conn
+        .execute("INSERT INTO mail_attachment (mail_id, file_name, path) VALUES (?1, 'passwd', '../../../../etc/passwd')", rusqlite::params![outside])
+        .unwrap();
+    let big = db.insert_cols(&[("to_addrs", &"a@example.com"), ("subject", &"s")]);
+    db.conn
+        .execute("INSERT INTO mail_attachment (mail_id, file_name, content) VALUES (?1, 'big.bin', zeroblob(30000))", rusqlite::params![big])
+        .unwrap();
+    once(&s);
+    assert_eq!(db.status(id), "sent", "{}", db.row(id));
+    assert_eq!(db.row(bad_header)["error_code"], "invalid_row");
+    assert!(db.row(bad_header)["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("\"Bcc\" is not allowed"));
+    assert!(
+        db.row(outside)["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("outside attachments_dir"),
+        "{}",
+        db.row(outside)
+    );
+    assert_eq!(db.row(big)["error_code"], "too_large");
+    let msgs = server.wait_for_messages(1, std::time::Duration::from_secs(30));
+    assert_eq!(msgs.len(), 1);
+    let m = msgs[0].parsed();
+    assert_eq!(m.in_reply_to().as_text(), Some("report-41@crm.example.com"));
+    assert_eq!(msgs[0].header("X-CRM-Activity").as_deref(), Some("12345"));
+    let names: Vec<String> = m
+        .attachments()
+        .map(|a| a.attachment_name().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(names, vec!["報告書 2026年12月.pdf", "見積書.csv"]);
+    let first = m.attachments().next().unwrap();
+    assert_eq!(first.contents(), pdf.as_slice());
+    assert_eq!(
+        m.body_html(0).unwrap().trim(),
+        "<p>添付をご確認ください。</p>"
+    );
+    assert!(
+        String::from_utf8_lossy(&msgs[0].raw).contains("filename*"),
+        "RFC 2231 file names"
+    );
+
+    // The CLI attaches files too.
+    let f = files.path().join("note.txt");
+    std::fs::write(&f, "hello").unwrap();
+    let out = run_mailqueue(
+        &s.config,
+        &[
+            "enqueue",
+            "--to",
+            "b@example.com",
+            "--subject",
+            "s",
+            "--body",
+            "b",
+            "--attach",
+            f.to_str().unwrap(),
+            "--header",
+            "X-CRM-Id: 7",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    once(&s);
+    let msgs = server.wait_for_messages(2, std::time::Duration::from_secs(30));
+    let m = msgs[1].parsed();
+    assert_eq!(m.attachments().next().unwrap().contents(), b"hello");
+    assert_eq!(msgs[1].header("X-CRM-Id").as_deref(), Some("7"));
 }
