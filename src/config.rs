@@ -457,6 +457,17 @@ fn parse_with(text: &str, path: &Path, secrets: Secrets) -> Result<Config, Error
             Some(span) => {
                 let line = text[..span.start].matches('\n').count() + 1;
                 match key_at(text, span.start) {
+                    // toml's message repeats the value: never for a secret.
+                    Some(key)
+                        if key.contains("password")
+                            || key.contains("secret")
+                            || key.contains("token") =>
+                    {
+                        format!(
+                            "{key} ({} line {line}): must be a quoted string",
+                            path.display()
+                        )
+                    }
                     Some(key) => format!("{key} ({} line {line}): {msg}", path.display()),
                     None => format!("{} line {line}: {msg}", path.display()),
                 }
@@ -1421,6 +1432,19 @@ error_language = "fr"
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = parse(&text, Path::new("t.toml")).unwrap();
         assert_eq!(c.smtp.credentials.unwrap().1.reveal(), "s3cret");
+    }
+
+    #[test]
+    fn a_mistyped_password_is_not_repeated_in_the_error() {
+        let p = problems(&format!(
+            "{MIN}auth = true\nuser = \"u\"\npassword = 98765432\n"
+        ))
+        .join("\n");
+        assert!(
+            p.contains("smtp.password") && p.contains("must be a quoted string"),
+            "{p}"
+        );
+        assert!(!p.contains("98765432"), "{p}");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::commands::{Data, Mail, Quit, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailParameter};
-use lettre::transport::smtp::response::Response;
+use lettre::transport::smtp::response::{Response, Severity};
 use lettre::{Address, AsyncFileTransport, AsyncTransport, Tokio1Executor};
 
 use crate::config::{AuthMechanism, Config, TlsMode, TransportKind};
@@ -683,7 +683,10 @@ impl Deliverer {
         }
         // Only a connection that already carried a mail can have gone stale; one `prepare` just
         // opened must not be opened twice (a 421 at MAIL is an answer, not a stale socket).
-        let reused = self.session.as_ref().is_some_and(|s| s.transactions > 0);
+        let reused = self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.transactions > 0 || s.last_used.elapsed() > Duration::from_secs(10));
         let mut report = self.try_send(from, rcpts, bytes).await;
         // A kept connection may have been closed by the server while idle: if the very first
         // command found it gone, nothing was sent; try once on a fresh connection.
@@ -845,6 +848,16 @@ impl Deliverer {
             session.conn.command(Mail::new(Some(from.clone()), params)),
         )
         .await;
+        let r = match r {
+            Ok(resp) if resp.code().severity != Severity::PositiveCompletion => Err(Failure {
+                stage: Stage::MailFrom,
+                problem: Problem::Client(format!(
+                    "unexpected reply {} to MAIL FROM",
+                    reply_of(&resp)
+                )),
+            }),
+            other => other,
+        };
         if let Err(f) = r {
             out.end = Err(f);
             self.finish(session, &out).await;
@@ -859,6 +872,10 @@ impl Deliverer {
             )
             .await
             {
+                // lettre takes 3xx as success; only a 2xx accepts a recipient.
+                Ok(resp) if resp.code().severity != Severity::PositiveCompletion => {
+                    out.rcpts.push((rcpt.to_string(), reply_of(&resp)));
+                }
                 Ok(resp) => {
                     accepted += 1;
                     out.rcpts.push((rcpt.to_string(), reply_of(&resp)));
@@ -904,7 +921,20 @@ impl Deliverer {
             session.conn.message(bytes),
         )
         .await
-        .map(|r| reply_of(&r));
+        .and_then(|r| {
+            if r.code().severity == Severity::PositiveCompletion {
+                Ok(reply_of(&r))
+            } else {
+                // Not an answer the protocol allows after the message: it may have been taken.
+                Err(Failure {
+                    stage: Stage::DataEnd,
+                    problem: Problem::Io(format!(
+                        "unexpected reply {} to the end of the message",
+                        reply_of(&r)
+                    )),
+                })
+            }
+        });
         // A write that broke (the server hung up while the message was still being sent) means
         // the final "." never reached it: a plain retry, not a doubt.
         if let Err(Failure {

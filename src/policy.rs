@@ -148,9 +148,18 @@ const LIMIT_TEXTS: &[&str] = &[
 /// Whether a reply says the account hit the provider's sending limit.
 pub fn is_sending_limit(r: &Reply) -> bool {
     let t = r.text.to_ascii_lowercase();
-    r.enhanced_starts_with("5.4.5")
+    if r.enhanced_starts_with("5.4.5")
         || r.enhanced_starts_with("4.4.5")
-        || LIMIT_TEXTS.iter().any(|p| t.contains(p))
+        || t.contains("submissionquotaexceeded")
+    {
+        return true;
+    }
+    // An enhanced code about the address, the mailbox or the message (X.1.x, X.2.x, X.3.x) is
+    // the recipient's trouble — "552 5.2.2 Quota exceeded (mailbox full)" — not the account's.
+    let about_recipient = ["4.1.", "5.1.", "4.2.", "5.2.", "4.3.", "5.3."]
+        .iter()
+        .any(|p| r.enhanced_starts_with(p));
+    !about_recipient && LIMIT_TEXTS.iter().any(|p| t.contains(p))
 }
 
 /// Whether an RCPT reply is a "relay access denied" (554/550 5.7.1, or the words).
@@ -395,7 +404,16 @@ pub fn judge(report: &Report) -> Verdict {
             } else {
                 Fate::Pending
             }
-        } else if report.relay_gated && is_relay_denied(reply) {
+        } else if report.relay_gated
+            && is_relay_denied(reply)
+            && matches!(
+                report.end,
+                Err(Failure {
+                    problem: Problem::NoRecipientAccepted,
+                    ..
+                })
+            )
+        {
             account.get_or_insert(Error::RelayDenied {
                 reply: reply.clone(),
             });
@@ -810,6 +828,47 @@ mod tests {
                 "{stage:?} {p:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_full_mailbox_is_the_recipients_trouble_not_a_sending_limit() {
+        let full = r(
+            552,
+            "5.2.2 <b@x>: Quota exceeded (mailbox for user is full)",
+        );
+        assert!(!is_sending_limit(&full));
+        assert_eq!(
+            outcome_of(
+                Stage::DataEnd,
+                552,
+                "5.2.2 Quota exceeded (mailbox for user is full)"
+            ),
+            (Outcome::Failed, "message_refused")
+        );
+        let v = judge(&Report {
+            rcpts: vec![("a@x".into(), r(250, "ok")), ("b@x".into(), full)],
+            end: Ok(r(250, "queued")),
+            relay_gated: false,
+        });
+        assert_eq!(v.outcome, Outcome::Sent);
+        assert!(is_sending_limit(&r(
+            554,
+            "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException"
+        )));
+        assert!(is_sending_limit(&r(550, "Daily sending quota exceeded")));
+    }
+
+    #[test]
+    fn relay_denied_for_one_recipient_among_accepted_ones_is_not_the_account() {
+        let v = judge(&Report {
+            rcpts: vec![
+                ("a@x".into(), r(250, "ok")),
+                ("b@x".into(), r(550, "5.7.1 Recipient address rejected")),
+            ],
+            end: Ok(r(250, "queued")),
+            relay_gated: true,
+        });
+        assert_eq!(v.outcome, Outcome::Sent);
     }
 
     #[test]

@@ -135,8 +135,10 @@ impl<C: Clock + Clone> Pacer<C> {
         Ok(())
     }
 
-    /// How long the rolling windows make the next send wait, if at all.
-    fn window_wait(&mut self, now: SystemTime) -> Option<Duration> {
+    /// How long the rolling windows (`max_per_hour`, `max_per_day`) make the next send wait, if
+    /// at all. Takes nothing: the scheduler asks before claiming, so a row does not sit claimed
+    /// for an hour.
+    pub fn window_wait(&mut self, now: SystemTime) -> Option<Duration> {
         let horizon = now.checked_sub(DAY).unwrap_or(SystemTime::UNIX_EPOCH);
         while self.recent.front().is_some_and(|t| *t <= horizon) {
             self.recent.pop_front();

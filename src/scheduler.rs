@@ -42,7 +42,8 @@ const HEARTBEAT_SLACK: Duration = Duration::from_secs(2);
 pub struct Finished {
     /// `mail_queue.id`.
     pub id: i64,
-    /// The row's status after the attempt: queued, sent or failed.
+    /// The row's status after the attempt: queued, sent, failed or held; "released" when it
+    /// was given back untried (the database could not be read).
     pub status: &'static str,
     /// `error_code`, if any.
     pub error_code: Option<String>,
@@ -240,7 +241,12 @@ impl Worker {
                 // A database error: give the claim back and let the loop back off.
                 tracing::error!(mail_id = claim.id, error = %e.text(Lang::En), "Cannot read the row's attachments; trying again later.");
                 self.release(&claim).await;
-                return None;
+                return Some(Finished {
+                    id: claim.id,
+                    status: "released",
+                    error_code: None,
+                    text: None,
+                });
             }
         };
         let composed = match extras
@@ -315,7 +321,7 @@ impl Worker {
                     .collect();
                 let mut bytes = format!(
                     "X-Mailqueue-Original-Recipients: {}\r\n",
-                    originals.join(", ")
+                    originals.join(",\r\n ")
                 )
                 .into_bytes();
                 bytes.extend_from_slice(&composed.bytes);
@@ -504,7 +510,11 @@ impl Worker {
     /// The row's extra headers and attachments: `Err` for a database error (try again later),
     /// `Ok(Err)` for a row whose attachments cannot be used (fail the row).
     async fn extras(&self, claim: &Claim) -> Result<Result<message::Extras, Error>, Error> {
-        let (headers, rows) = self.store.extras(claim.id).await?;
+        let (headers, rows) = match self.store.extras(claim.id).await {
+            Ok(x) => x,
+            Err(e @ Error::InvalidRow { .. }) => return Ok(Err(e)),
+            Err(e) => return Err(e),
+        };
         if rows.is_empty() {
             return Ok(Ok(message::Extras {
                 headers,
@@ -662,6 +672,22 @@ pub async fn run(
             }
             continue;
         }
+        // A rolling cap that is full: wait here, unclaimed (the CRM can still cancel, and a crash
+        // leaves nothing in doubt), not after claiming.
+        if let Some(w) = worker.pacer.window_wait(SystemTime::now()) {
+            if w > poll {
+                tracing::debug!(
+                    wait_ms = w.as_millis() as u64,
+                    "The hourly or daily cap is reached; waiting."
+                );
+                let w = w.min(Duration::from_secs(60));
+                hb.promise(w + HEARTBEAT_SLACK);
+                if let Wake::Control(c) = idle(&mut shutdown, &mut opts.controls, w).await {
+                    apply(&mut worker, c).await;
+                }
+                continue;
+            }
+        }
         hb.promise(worker.attempt_budget(1));
         worker.deliverer.prepare().await;
         let claim = match store
@@ -702,6 +728,13 @@ pub async fn run(
             }
         };
         let Some(fin) = fin else { break };
+        if fin.status == "released" {
+            // The database could not be read for this row: back off like any database error.
+            hb.promise(db_backoff + HEARTBEAT_SLACK);
+            shutdown.sleep(db_backoff).await;
+            db_backoff = (db_backoff * 2).min(Duration::from_secs(30));
+            continue;
+        }
         stats.attempts += 1;
         match fin.status {
             "sent" => stats.sent += 1,

@@ -400,7 +400,9 @@ impl Store {
             };
             for id in &ids {
                 tx.execute(
-                    "UPDATE mail_attempt SET finished_at = ?2, outcome = 'in_doubt', error_code = 'in_doubt', error_text = ?3
+                    // started_at becomes now: the mail may have gone out just before the crash, and
+                    // the pace is rebuilt from these times (a claim time would be too early).
+                    "UPDATE mail_attempt SET finished_at = ?2, started_at = ?2, outcome = 'in_doubt', error_code = 'in_doubt', error_text = ?3
                      WHERE mail_id = ?1 AND finished_at IS NULL",
                     params![id, now, text],
                 )?;
@@ -571,17 +573,8 @@ impl Store {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now_t = SystemTime::now();
             let now = ts(now_t);
-            for (addr, kind, fate, reply) in &rec.rcpts {
-                tx.prepare_cached(
-                    "INSERT INTO mail_recipient (mail_id, address, kind, status, smtp_reply, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (mail_id, address) DO UPDATE SET
-                        status = excluded.status, smtp_reply = excluded.smtp_reply, updated_at = excluded.updated_at",
-                )?
-                .execute(params![rec.id, addr, kind, fate.name(), reply, now])?;
-            }
             let sent_at = (rec.status == "sent").then(|| now.clone());
-            tx.prepare_cached(
+            let changed = tx.prepare_cached(
                 "UPDATE mail_queue SET status = ?2, updated_at = ?3,
                         next_attempt_at = coalesce(?4, next_attempt_at),
                         attempts = attempts - ?5,
@@ -600,6 +593,20 @@ impl Store {
                 rec.error_text,
                 rec.smtp_reply,
             ])?;
+            if changed == 0 {
+                // The CRM deleted the row meanwhile: nothing left to record it on.
+                tracing::warn!(mail_id = rec.id, "The row was deleted while it was being sent; its outcome is not recorded.");
+                return Ok(());
+            }
+            for (addr, kind, fate, reply) in &rec.rcpts {
+                tx.prepare_cached(
+                    "INSERT INTO mail_recipient (mail_id, address, kind, status, smtp_reply, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (mail_id, address) DO UPDATE SET
+                        status = excluded.status, smtp_reply = excluded.smtp_reply, updated_at = excluded.updated_at",
+                )?
+                .execute(params![rec.id, addr, kind, fate.name(), reply, now])?;
+            }
             tx.prepare_cached(
                 "UPDATE mail_attempt SET finished_at = ?2, outcome = ?3, error_code = ?4, error_text = ?5, smtp_reply = ?6,
                         started_at = coalesce(?7, started_at)
@@ -664,7 +671,9 @@ impl Store {
     pub async fn send_history(&self, limit: usize) -> Result<Vec<SystemTime>, Error> {
         self.call(move |c| {
             let mut st =
-                c.prepare("SELECT started_at FROM mail_attempt ORDER BY started_at DESC LIMIT ?1")?;
+                c.prepare("SELECT started_at FROM mail_attempt
+                 WHERE error_code IS NULL OR error_code NOT IN ('invalid_row', 'invalid_address', 'too_large', 'expired')
+                 ORDER BY started_at DESC LIMIT ?1")?;
             let rows: Vec<String> = st
                 .query_map(params![limit as i64], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
@@ -1004,18 +1013,45 @@ impl Store {
     /// The row's extra headers and attachment rows (read after the claim, outside its
     /// transaction: attachments can be large).
     pub async fn extras(&self, id: i64) -> Result<(Option<String>, Vec<AttachmentRow>), Error> {
+        use rusqlite::types::ValueRef;
         self.call(move |c| {
-            let headers: Option<String> =
-                c.query_row("SELECT headers FROM mail_queue WHERE id = ?1", params![id], |r| r.get(0))?;
+            let bad = |what: String| Error::InvalidRow { detail: what };
+            let headers: Option<String> = c.query_row("SELECT headers FROM mail_queue WHERE id = ?1", params![id], |r| {
+                Ok(match r.get_ref(0)? {
+                    ValueRef::Null => Ok(None),
+                    ValueRef::Text(t) => Ok(Some(String::from_utf8_lossy(t).into_owned())),
+                    _ => Err(()),
+                })
+            })?
+            .map_err(|_| bad("headers is not text".into()))?;
             let mut st = c.prepare_cached(
                 "SELECT file_name, content_type, content, path FROM mail_attachment WHERE mail_id = ?1 ORDER BY id",
             )?;
-            let rows = st
-                .query_map(params![id], |r| {
-                    Ok(AttachmentRow { file_name: r.get(0)?, content_type: r.get(1)?, content: r.get(2)?, path: r.get(3)? })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((headers, rows))
+            let mut rows = st.query(params![id])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                let n = out.len() + 1;
+                let text = |i: usize| -> Result<Option<String>, Error> {
+                    match r.get_ref(i)? {
+                        ValueRef::Null => Ok(None),
+                        ValueRef::Text(t) => Ok(Some(String::from_utf8_lossy(t).into_owned())),
+                        _ => Err(bad(format!("attachment {n}: a text column holds something else"))),
+                    }
+                };
+                // A CRM that passes a string where bytes were meant still gets its file sent.
+                let content = match r.get_ref(2)? {
+                    ValueRef::Null => None,
+                    ValueRef::Blob(b) | ValueRef::Text(b) => Some(b.to_vec()),
+                    _ => return Err(bad(format!("attachment {n}: content is a number, not a file"))),
+                };
+                out.push(AttachmentRow {
+                    file_name: text(0)?.unwrap_or_default(),
+                    content_type: text(1)?.unwrap_or_else(|| "application/octet-stream".into()),
+                    content,
+                    path: text(3)?,
+                });
+            }
+            Ok((headers, out))
         })
         .await
     }
@@ -1040,15 +1076,25 @@ impl Store {
     pub async fn maintain(&self, pages: i64) -> Result<Maintenance, Error> {
         let wal = PathBuf::from(format!("{}-wal", self.path.display()));
         self.call(move |c| {
-            let (busy, log, _done): (i64, i64, i64) =
-                c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            // PASSIVE never blocks the CRM's writes; only when it copied the whole WAL is the
+            // file reset (TRUNCATE), and then without waiting for anyone (busy timeout 0).
+            let (busy, log, done): (i64, i64, i64) =
+                c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })?;
+            let mut blocked = busy != 0 || done < log;
+            if !blocked {
+                c.busy_timeout(Duration::ZERO)?;
+                let t: rusqlite::Result<i64> =
+                    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0));
+                c.busy_timeout(BUSY_TIMEOUT)?;
+                blocked = !matches!(t, Ok(0));
+            }
             c.execute_batch(&format!("PRAGMA incremental_vacuum({pages})"))?;
             let free_pages: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
             let wal_bytes = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
             Ok(Maintenance {
-                checkpoint_blocked: busy != 0,
+                checkpoint_blocked: blocked,
                 wal_pages: log,
                 wal_bytes,
                 free_pages,
