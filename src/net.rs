@@ -58,7 +58,12 @@ pub async fn connect(
                     .map_err(|e| format!("cannot bind source address {src}: {e}"))?;
             }
             match socket.connect(addr).await {
-                Ok(tcp) => return Ok(tcp),
+                // Commands are small writes answered at once: without NODELAY, Nagle's algorithm
+                // and the peer's delayed ACK cost ~40 ms per command.
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Ok(tcp);
+                }
                 Err(e) => last = format!("{addr}: {e}"),
             }
         }
