@@ -280,6 +280,11 @@ fn print_step() -> Box<dyn Fn(&Step) + Send + Sync> {
 
 async fn run(path: &Path, once: bool, no_lock: bool) -> Result<i32, Error> {
     let cfg = load(path)?;
+    // Signals first: a stop that comes while the queue is opened (a long migration, say) is
+    // then a clean stop before the first mail, not the default action's abrupt end.
+    let (trigger, shutdown) = signals::shutdown_pair();
+    let controls = signals::listen(trigger)
+        .map_err(|e| Error::Usage { detail: format!("cannot listen for signals: {e}") })?;
     let store = open_store(&cfg.queue.database).await?;
     let daemon_lock = if no_lock {
         None
@@ -294,10 +299,6 @@ async fn run(path: &Path, once: bool, no_lock: bool) -> Result<i32, Error> {
     let (lock, exclusive) = take_lock(&cfg.queue.database).await?;
     recover(&store, &cfg, exclusive).await?;
     lock.downgrade()?;
-    let (trigger, shutdown) = signals::shutdown_pair();
-    let controls = signals::listen(trigger).map_err(|e| Error::Usage {
-        detail: format!("cannot listen for signals: {e}"),
-    })?;
     if let Some(addr) = cfg.metrics_listen {
         telemetry::init_metrics(addr).map_err(|e| Error::Config {
             problems: vec![format!("metrics.listen: {e}")],
