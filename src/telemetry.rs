@@ -35,36 +35,63 @@ fn filter(level: &str) -> EnvFilter {
 
 /// Installs the global subscriber. Safe to call once per process; later calls are ignored.
 pub fn init(cfg: &LogConfig) {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter(&cfg.level))
-        .with_writer(std::io::stderr);
-    match cfg.format {
-        LogFormat::Json => {
-            let b = builder
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .with_filter_reloading();
-            let handle = b.reload_handle();
-            if b.try_init().is_ok() {
-                let _ = SET_LEVEL.set(Box::new(move |l| {
-                    handle.reload(filter(l)).map_err(|e| e.to_string())
-                }));
-            }
-        }
-        LogFormat::Text => {
-            let b = builder
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_target(false)
-                .with_filter_reloading();
-            let handle = b.reload_handle();
-            if b.try_init().is_ok() {
-                let _ = SET_LEVEL.set(Box::new(move |l| {
-                    handle.reload(filter(l)).map_err(|e| e.to_string())
-                }));
-            }
-        }
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let (filter_layer, handle) = tracing_subscriber::reload::Layer::new(filter(&cfg.level));
+    let stderr = match cfg.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_writer(std::io::stderr)
+            .with_filter(filter_layer)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false)
+            .with_writer(std::io::stderr)
+            .with_filter(filter_layer)
+            .boxed(),
+    };
+    let mut layers = vec![stderr];
+    layers.extend(trace_copy());
+    if tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .is_ok()
+    {
+        let _ = SET_LEVEL.set(Box::new(move |l| {
+            handle.reload(filter(l)).map_err(|e| e.to_string())
+        }));
     }
+}
+
+/// Test builds only (`failpoints`): with `MAILQUEUE_TEST_TRACE_DIR` set, every process also
+/// writes everything at trace level to `<dir>/<pid>.log`, whatever `[log] level` says, so the
+/// whole integration suite can be scanned for secrets (scripts/secrets-scan.sh).
+fn trace_copy(
+) -> Option<Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>> {
+    #[cfg(feature = "failpoints")]
+    {
+        use tracing_subscriber::Layer;
+        let dir = std::env::var_os("MAILQUEUE_TEST_TRACE_DIR")?;
+        let path = std::path::Path::new(&dir).join(format!("{}.log", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()?;
+        Some(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .with_filter(EnvFilter::new("trace"))
+                .boxed(),
+        )
+    }
+    #[cfg(not(feature = "failpoints"))]
+    None
 }
 
 /// Applies a new `[log] level` to the running subscriber (the format needs a restart).
