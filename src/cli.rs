@@ -283,8 +283,9 @@ async fn run(path: &Path, once: bool, no_lock: bool) -> Result<i32, Error> {
     // Signals first: a stop that comes while the queue is opened (a long migration, say) is
     // then a clean stop before the first mail, not the default action's abrupt end.
     let (trigger, shutdown) = signals::shutdown_pair();
-    let controls = signals::listen(trigger)
-        .map_err(|e| Error::Usage { detail: format!("cannot listen for signals: {e}") })?;
+    let controls = signals::listen(trigger).map_err(|e| Error::Usage {
+        detail: format!("cannot listen for signals: {e}"),
+    })?;
     let store = open_store(&cfg.queue.database).await?;
     let daemon_lock = if no_lock {
         None

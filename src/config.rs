@@ -565,7 +565,8 @@ pub fn parse_size(v: &toml::Value) -> Result<u64, String> {
             if n == 0 {
                 return Err("must be larger than 0".into());
             }
-            Ok(n * mult)
+            n.checked_mul(mult)
+                .ok_or_else(|| format!("{s:?} is too large"))
         }
         _ => Err("must be a positive number of bytes or a string like \"25MiB\"".into()),
     }

@@ -117,6 +117,13 @@ pub fn parse_list(column: &str, value: &str) -> Result<Vec<Mailbox>, Error> {
         .collect()
 }
 
+/// Line ends as the wire needs them: a bare CR becomes a line break (never a bare CR on the
+/// wire: a server that takes one for a line end could read the rest as SMTP commands — the
+/// "SMTP smuggling" family), and lettre then writes every line end as CRLF and dot-stuffs.
+fn normalize_lines(s: &str) -> String {
+    s.replace("\r\n", "\n").replace('\r', "\n")
+}
+
 fn no_controls(column: &str, v: &str) -> Result<(), Error> {
     if v.chars().any(|c| c.is_control() && c != '\t') {
         return Err(Error::InvalidRow {
@@ -497,6 +504,18 @@ fn compose_utf8(
     extras: &Extras,
 ) -> Result<Composed, Error> {
     no_controls("subject", &claim.subject)?;
+    if claim.subject.chars().count() > 900 {
+        return Err(Error::InvalidRow {
+            detail: "subject is longer than 900 characters".into(),
+        });
+    }
+    if claim.body_text.contains('\0')
+        || claim.body_html.as_deref().is_some_and(|h| h.contains('\0'))
+    {
+        return Err(Error::InvalidRow {
+            detail: "the body contains a NUL character".into(),
+        });
+    }
     if let Some(sa) = &claim.send_after {
         if crate::store::parse_ts(sa).is_none() {
             return Err(Error::InvalidRow {
@@ -554,8 +573,9 @@ fn compose_utf8(
     b = b.envelope(envelope);
     let text = SinglePart::builder()
         .content_type(ContentType::TEXT_PLAIN)
-        .body(claim.body_text.clone());
-    let msg = assemble(b, text, claim.body_html.as_ref(), extras)?;
+        .body(normalize_lines(&claim.body_text));
+    let html = claim.body_html.as_deref().map(normalize_lines);
+    let msg = assemble(b, text, html.as_ref(), extras)?;
     let bytes = msg.formatted();
     if bytes.len() as u64 > max_size {
         return Err(Error::TooLarge {
