@@ -313,7 +313,9 @@ fn now_ts() -> String {
     ts(SystemTime::now())
 }
 
-/// The `WHERE` clause of a due row. `?1` is now. While the account is paused (and the pause
+/// The `WHERE` clause of a due row, always read through the partial index `mail_queue_waiting`
+/// (`INDEXED BY`): left to itself SQLite picks `mail_queue_status` and sorts every queued row
+/// for each claim — 16 ms a claim with 20 000 rows waiting, measured by benches/e2e.sh. `?1` is now. While the account is paused (and the pause
 /// has not run out), only rows whose own `max_attempts` is 1 — a CRM's test mail — are due.
 const DUE: &str = "status = 'queued' AND next_attempt_at <= ?1
      AND (send_after IS NULL OR coalesce(strftime('%Y-%m-%dT%H:%M:%fZ', send_after), '') <= ?1)
@@ -423,7 +425,7 @@ impl Store {
     pub async fn has_due(&self, now: SystemTime) -> Result<bool, Error> {
         let now = ts(now);
         self.call(move |c| {
-            let sql = format!("SELECT EXISTS (SELECT 1 FROM mail_queue WHERE {DUE})");
+            let sql = format!("SELECT EXISTS (SELECT 1 FROM mail_queue INDEXED BY mail_queue_waiting WHERE {DUE})");
             Ok(c.prepare_cached(&sql)?
                 .query_row(params![now], |r| r.get(0))?)
         })
@@ -441,7 +443,7 @@ impl Store {
         let now = ts(now);
         self.call(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let sql = format!("SELECT id FROM mail_queue WHERE {DUE} ORDER BY priority DESC, created_at, id LIMIT 1");
+            let sql = format!("SELECT id FROM mail_queue INDEXED BY mail_queue_waiting WHERE {DUE} ORDER BY priority DESC, created_at, id LIMIT 1");
             let id: Option<i64> = tx.prepare_cached(&sql)?.query_row(params![now], |r| r.get(0)).optional()?;
             let Some(id) = id else { return Ok(None) };
             let paused: bool = tx.query_row(
