@@ -120,10 +120,18 @@ section="$WORK/section.md"
     printf '%s\n' "${ROWS[@]}"
     echo
     echo "Targets (bodies and checks in \`fuzz/src/lib.rs\`): \`compose\` builds a queue row whose"
-    echo "columns are fuzzed (fields split at byte 0xFF) and checks that the header block holds only"
-    echo "our fields with CRLF line ends, that the envelope holds only clean addresses from the row,"
-    echo "and that errors are one line; \`pop3_reply\` parses status lines and APOP timestamps;"
-    echo "\`config\` loads and validates config text. A failed check counts as a crash."
+    echo "columns, \`headers\` column and attachment row are fuzzed (fields split at byte 0xFF) as the"
+    echo "scheduler does (\`compose_full\`, UTF-8 and ISO-2022-JP) and checks that the header block"
+    echo "holds only our fields and the extra ones the row asked for, with CRLF line ends, that the"
+    echo "envelope holds only clean addresses from the row, and that errors are one line;"
+    echo "\`pop3_reply\` parses status lines and APOP timestamps; \`config\` loads and validates"
+    echo "config text. A panic or a failed check counts as a crash."
+    known="$(sed -n 's/^pub fn \(known_defect_[a-z_]*\).*/\1/p' fuzz/src/lib.rs | paste -sd, - | sed 's/,/, /g')"
+    if [ -n "$known" ]; then
+        echo
+        echo "Known defects, reported and pinned by ignored tests, are left out of the checks until"
+        echo "they are fixed (so the fuzzer looks for everything else): $known in \`fuzz/src/lib.rs\`."
+    fi
     if [ "${#CRASHED[@]}" -gt 0 ]; then
         echo
         echo "**Crashes in: ${CRASHED[*]}** — inputs in \`fuzz/artifacts/<target>/\`;"

@@ -195,7 +195,7 @@ pub fn extra_headers(text: &str) -> Result<Vec<lettre::message::header::HeaderVa
             .find(|h| h.eq_ignore_ascii_case(name))
             .copied();
         let x_header = name.len() > 2
-            && name[..2].eq_ignore_ascii_case("x-")
+            && name.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-"))
             && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
         let Some(canonical) = allowed
             .map(str::to_string)
@@ -234,7 +234,7 @@ pub fn load_attachments(
     let mut out = Vec::with_capacity(rows.len());
     for (i, r) in rows.into_iter().enumerate() {
         let bad = |d: String| Error::InvalidRow {
-            detail: format!("attachment {} ({}): {d}", i + 1, r.file_name),
+            detail: format!("attachment {} ({:?}): {d}", i + 1, r.file_name),
         };
         if r.file_name.trim().is_empty() || r.file_name.chars().any(|c| c.is_control()) {
             return Err(bad("file_name is empty or has control characters".into()));

@@ -1,10 +1,11 @@
 //! The bodies of the fuzz targets, and the checks they make on every input.
 //!
 //! This file is the `mailqueue-fuzz` library that `fuzz_targets/*.rs` call, and it is also
-//! compiled into two ordinary tests of the main crate with `#[path]`:
-//! `tests/fuzz_corpus_replay.rs` (replays `fuzz/corpus/<target>/` on stable, so CI exercises the
-//! corpora without nightly) and `tests/proptest_builders.rs` (reuses [`check_composed`]). So it
-//! may only use what the main crate's tests have: `mailqueue`, `lettre` and `std`.
+//! compiled into ordinary tests of the main crate with `#[path]`: `tests/fuzz_corpus_replay.rs`
+//! (replays `fuzz/corpus/<target>/` and `fuzz/seeds/<target>/` on stable, so CI exercises the
+//! corpora without nightly), `tests/proptest_builders.rs` (reuses [`check_composed`]) and
+//! `tests/hostile_rows.rs` (header checks on what the server received). So it may only use
+//! what the main crate's tests have: `mailqueue`, `lettre` and `std`.
 //!
 //! A target "crashes" on a panic inside mailqueue, and also when one of the checks below fails:
 //! the checks are the properties that must hold for *every* input, whatever the row says.
@@ -15,8 +16,8 @@ use std::path::Path;
 use lettre::message::Mailbox;
 use mailqueue::config::SenderConfig;
 use mailqueue::error::{Error, Lang};
-use mailqueue::message::{compose, parse_list, Composed};
-use mailqueue::store::Claim;
+use mailqueue::message::{compose_full, load_attachments, parse_list, Charset, Composed, Extras};
+use mailqueue::store::{AttachmentRow, Claim};
 
 /// A fuzz target's body.
 pub type Target = fn(&[u8]);
@@ -29,7 +30,7 @@ pub const TARGETS: &[(&str, Target)] = &[
 ];
 
 /// The header fields mailqueue writes into the top-level header block; anything else in it was
-/// smuggled in by a row.
+/// smuggled in by a row (apart from the extra headers the row's `headers` column asks for).
 pub const ALLOWED_HEADERS: &[&str] = &[
     "From",
     "To",
@@ -59,7 +60,10 @@ pub fn sender() -> SenderConfig {
     }
 }
 
-/// The row fields a claim is built from.
+/// The content of the attachment a fuzzed row may carry: dot lines, bare CR/LF, NUL, 0xFF.
+pub const ATTACHMENT_BYTES: &[u8] = b"%PDF-1.4\n.\r\n..\r\nbare\rCR\0NUL\xff\r\n.";
+
+/// The row fields a claim is built from, with its `headers` column and one attachment row.
 #[derive(Debug, Clone, Default)]
 pub struct Row {
     pub to: String,
@@ -70,11 +74,18 @@ pub struct Row {
     pub body_text: String,
     pub body_html: Option<String>,
     pub send_after: Option<String>,
+    /// `mail_queue.headers`: extra `Name: value` lines.
+    pub headers: Option<String>,
+    /// One `mail_attachment` row: file name and content type (content: [`ATTACHMENT_BYTES`]).
+    pub attachment: Option<(String, String)>,
 }
 
 impl Row {
     /// Splits a fuzz input at [`FIELD_SEP`]: to, cc, bcc, reply_to, subject, body_text,
-    /// body_html, send_after. Missing fields are empty (body_html, send_after: NULL).
+    /// body_html, send_after, headers, attachment file name, attachment content type. Missing
+    /// fields are empty, or NULL for the nullable columns (an empty send_after is NULL too, so
+    /// that inputs with the later fields still build; a bad send_after is covered by any
+    /// other text).
     pub fn from_bytes(data: &[u8]) -> Row {
         let mut f = data
             .split(|b| *b == FIELD_SEP)
@@ -90,8 +101,41 @@ impl Row {
             ..Row::default()
         };
         row.body_html = f.next();
-        row.send_after = f.next();
+        row.send_after = f.next().filter(|s| !s.is_empty());
+        row.headers = f.next();
+        row.attachment = f
+            .next()
+            .map(|name| (name, f.next().unwrap_or_else(|| "application/pdf".into())));
         row
+    }
+
+    /// The extras the scheduler would load for this row (`message::load_attachments` checks
+    /// the attachment row as it does for a real one).
+    pub fn extras(&self) -> Result<Extras, Error> {
+        let rows = self
+            .attachment
+            .iter()
+            .map(|(file_name, content_type)| AttachmentRow {
+                file_name: file_name.clone(),
+                content_type: content_type.clone(),
+                content: Some(ATTACHMENT_BYTES.to_vec()),
+                path: None,
+            })
+            .collect();
+        Ok(Extras {
+            headers: self.headers.clone(),
+            attachments: load_attachments(rows, None)?,
+        })
+    }
+
+    /// The header names the row's `headers` column asks for (any case).
+    pub fn extra_header_names(&self) -> Vec<String> {
+        self.headers
+            .iter()
+            .flat_map(|h| h.lines())
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, _)| n.trim().to_string())
+            .collect()
     }
 
     /// The claim the scheduler would hand to `compose` for this row.
@@ -133,11 +177,24 @@ pub fn check_row_error(e: &Error) {
     for lang in [Lang::En, Lang::Ja] {
         let t = e.text(lang);
         assert!(!t.is_empty(), "empty error text for {e:?}");
+        if known_defect_raw_file_name(e) {
+            continue;
+        }
         assert!(
             !t.chars().any(|c| c.is_control()),
             "error text with a control character (a second log line?): {t:?}"
         );
     }
+}
+
+/// KNOWN DEFECT (reported, see `attachment_errors_are_one_line` in tests/proptest_builders.rs):
+/// `message::load_attachments` writes the raw file name into the error that refuses it for its
+/// control characters, so `last_error` and the log line carry the file name's CR/LF/NUL. Left
+/// out of the one-line check here, so the fuzzer looks for everything else.
+pub fn known_defect_raw_file_name(e: &Error) -> bool {
+    matches!(e, Error::InvalidRow { detail }
+        if detail.starts_with("attachment ")
+            && detail.ends_with("file_name is empty or has control characters"))
 }
 
 /// The header block of a composed mail, up to and including the CRLF that ends its last field
@@ -148,8 +205,9 @@ pub fn header_block(bytes: &[u8]) -> &[u8] {
 }
 
 /// The header names of a header block in order (continuation lines belong to the field above).
-/// Panics on anything that is neither a field start nor a folded continuation.
-pub fn header_names(head: &[u8]) -> Vec<String> {
+/// Panics on anything that is neither a field start nor a folded continuation, and on a field
+/// that is neither ours nor one of `extra` (any case).
+pub fn header_names(head: &[u8], extra: &[String]) -> Vec<String> {
     assert!(!head.contains(&0), "NUL in the header block");
     for (i, b) in head.iter().enumerate() {
         match b {
@@ -191,7 +249,8 @@ pub fn header_names(head: &[u8]) -> Vec<String> {
         });
         let name = String::from_utf8_lossy(&line[..colon]).into_owned();
         assert!(
-            ALLOWED_HEADERS.contains(&name.as_str()),
+            ALLOWED_HEADERS.contains(&name.as_str())
+                || extra.iter().any(|e| e.eq_ignore_ascii_case(&name)),
             "a header line mailqueue does not write: {:?}\nin {:?}",
             String::from_utf8_lossy(line),
             String::from_utf8_lossy(head)
@@ -202,16 +261,17 @@ pub fn header_names(head: &[u8]) -> Vec<String> {
 }
 
 /// What must hold for every mail `compose` builds, whatever the row said: the header block has
-/// only CRLF line ends, only our fields, each once (Bcc never), the Message-ID is the row's, the
-/// size is within the limit, and every envelope recipient is one clean address from the row.
-pub fn check_composed(claim: &Claim, m: &Composed, max_size: u64) {
+/// only CRLF line ends, only our fields (and the extra ones the row asked for), each of ours
+/// once (Bcc never), the Message-ID is the row's, the size is within the limit, and every
+/// envelope recipient is one clean address from the row.
+pub fn check_composed(row: &Row, claim: &Claim, m: &Composed, max_size: u64) {
     assert!(
         m.bytes.len() as u64 <= max_size,
         "{} bytes over the {max_size} byte limit",
         m.bytes.len()
     );
     let head = header_block(&m.bytes);
-    let names = header_names(head);
+    let names = header_names(head, &row.extra_header_names());
     let count = |n: &str| names.iter().filter(|x| x.as_str() == n).count();
     for once in [
         "From",
@@ -295,14 +355,38 @@ pub fn check_parse_list(value: &str) {
     }
 }
 
-/// Builds the row with `compose` (twice: with a roomy and a tight size limit) and checks the
-/// result or the error.
+/// KNOWN DEFECT (reported, see `a_non_ascii_header_name_fails_the_row_not_the_daemon` in
+/// tests/hostile_rows.rs): `message::extra_headers` slices a header name at byte 2, which
+/// panics when that is inside a character (`aé: v`). Rows that would reach it are skipped, so
+/// the fuzzer looks for everything else.
+pub fn known_defect_header_name_panics(headers: Option<&str>) -> bool {
+    headers.into_iter().flat_map(|h| h.split('\n')).any(|l| {
+        l.split_once(':').is_some_and(|(name, _)| {
+            let name = name.trim();
+            name.len() > 2 && !name.is_char_boundary(2)
+        })
+    })
+}
+
+/// Builds the row as the scheduler does (`compose_full` with its extras), in each charset
+/// (UTF-8 also with a tight size limit), and checks the result or the error.
 pub fn compose_row(row: &Row) {
+    if known_defect_header_name_panics(row.headers.as_deref()) {
+        return;
+    }
     let claim = row.claim();
     let s = sender();
-    for max in [1 << 20, 1500] {
-        match compose(&claim, &s, max) {
-            Ok(m) => check_composed(&claim, &m, max),
+    let extras = match row.extras() {
+        Ok(x) => x,
+        Err(e) => return check_row_error(&e),
+    };
+    for (charset, max) in [
+        (Charset::Utf8, 1 << 20),
+        (Charset::Utf8, 1500),
+        (Charset::Iso2022Jp, 1 << 20),
+    ] {
+        match compose_full(&claim, &s, max, charset, &extras) {
+            Ok((m, _)) => check_composed(row, &claim, &m, max),
             Err(e) => check_row_error(&e),
         }
     }
