@@ -57,6 +57,11 @@ fi
 
 echo "== build"
 cargo build --release --locked
+# What was built: the commit and the uncommitted source files as cargo saw them just now (others
+# may commit while the measurements run).
+BENCH_GIT_COMMIT="$(git rev-parse --short HEAD)"
+BENCH_GIT_DIRTY="$(git status --porcelain -- src Cargo.toml Cargo.lock build.rs | cut -c4- | tr '\n' ' ')"
+export BENCH_GIT_COMMIT BENCH_GIT_DIRTY
 
 echo "== measure (progress on stderr, results on stdout)"
 exec target/test-venv/bin/python benches/e2e/bench.py
