@@ -14,12 +14,20 @@ import base64, glob, sys
 d = sys.argv[1]
 users = ["crm", "crm@example.com", "alice", "u"]
 secrets = ["Tr4ce-Secret-9f2", "Wr0ng-Tr4ce-Secret", "Open sesame 1", "hunter2-xyz", "wrong-password", "hunter2-secret"]
+# [smtp.oauth2] (tests/oauth2.rs): the client secret, every refresh token, every access token
+# (and the base64 XOAUTH2 string carrying it).
+oauth = ["cl1ent-S3cret-0auth", "refresh-T0ken", "1//some-other-token", "ya29.access-"]
 needles = set()
 for s in secrets:
     needles.add(s)
     needles.add(base64.b64encode(s.encode()).decode())
     for u in users:
         needles.add(base64.b64encode(f"\0{u}\0{s}".encode()).decode())
+for s in oauth:
+    needles.add(s)
+for n in range(1, 10):
+    for u in users:
+        needles.add(base64.b64encode(f"user={u}\x01auth=Bearer ya29.access-{n}\x01\x01".encode()).decode()[:40])
 files = glob.glob(f"{d}/*.log")
 total = sum(len(open(f, "rb").read()) for f in files)
 if not files or total == 0:

@@ -169,6 +169,31 @@ struct RawSmtp {
     /// The local address to connect from (SMTP and POP), for hosts with several addresses:
     /// POP-before-SMTP opens the relay for the address the POP login came from.
     source_address: Option<String>,
+    /// Log in with XOAUTH2 using an access token the daemon gets itself with an OAuth2 refresh
+    /// token (instead of password, password_file or password_command).
+    oauth2: Option<RawOAuth2>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOAuth2 {
+    /// The provider's token endpoint (Google: https://oauth2.googleapis.com/token). https only;
+    /// http is accepted for a loopback host (a local token proxy, tests).
+    token_url: Option<String>,
+    /// The OAuth client ID the refresh token was issued to.
+    client_id: Option<String>,
+    /// The OAuth client secret. Prefer `client_secret_file`; leave both out for a public client
+    /// (e.g. a Microsoft app registration used with the device code flow).
+    client_secret: Option<String>,
+    /// A file whose first line is the client secret (owner-only permissions).
+    client_secret_file: Option<PathBuf>,
+    /// A file whose first line is the refresh token (owner-only permissions). Put it where the
+    /// daemon may write (the state directory, /var/lib/mailqueue): a provider that rotates the
+    /// refresh token gets the new one written back here.
+    refresh_token_file: Option<PathBuf>,
+    /// Scopes to ask for, separated by spaces. Google: leave out (the refresh token's own);
+    /// Microsoft 365: "https://outlook.office.com/SMTP.Send offline_access".
+    scope: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -375,6 +400,23 @@ pub struct SmtpConfig {
     pub password_command: Option<String>,
     /// The AUTH mechanism to use; `None`: PLAIN or LOGIN, as the server offers.
     pub auth_mechanism: Option<AuthMechanism>,
+    /// `[smtp.oauth2]`: XOAUTH2 with access tokens from the refresh-token grant.
+    pub oauth2: Option<OAuth2Config>,
+}
+
+/// `[smtp.oauth2]`.
+#[derive(Debug, Clone)]
+pub struct OAuth2Config {
+    /// The token endpoint (https, or http on a loopback host).
+    pub token_url: String,
+    /// The OAuth client ID.
+    pub client_id: String,
+    /// The client secret, if the client has one.
+    pub client_secret: Option<Secret>,
+    /// Where the refresh token is read from at each refresh and a rotated one written back.
+    pub refresh_token_file: PathBuf,
+    /// Scopes to ask for (empty: the refresh token's own).
+    pub scope: Vec<String>,
 }
 
 /// `[smtp] auth_mechanism`.
@@ -386,6 +428,17 @@ pub enum AuthMechanism {
     Login,
     /// AUTH XOAUTH2 (an OAuth2 access token as the password).
     Xoauth2,
+}
+
+impl AuthMechanism {
+    /// The config word.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMechanism::Plain => "plain",
+            AuthMechanism::Login => "login",
+            AuthMechanism::Xoauth2 => "xoauth2",
+        }
+    }
 }
 
 /// `[rate]`.
@@ -493,7 +546,7 @@ fn parse_with(text: &str, path: &Path, secrets: Secrets) -> Result<Config, Error
 
 /// Reads a secret file's first line, refusing a file that group or others may access (as msmtp
 /// does): a password readable by other local users is not a secret.
-fn read_secret_file(f: &Path) -> Result<String, String> {
+pub(crate) fn read_secret_file(f: &Path) -> Result<String, String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
     let mode = meta.permissions().mode() & 0o777;
@@ -979,6 +1032,21 @@ impl Validator {
                 self.bad("smtp.user", "is required with auth = true");
             }
             let password = match &s.password_command {
+                _ if s.oauth2.is_some() => {
+                    if s.password.is_some()
+                        || s.password_file.is_some()
+                        || s.password_command.is_some()
+                    {
+                        self.bad(
+                            "smtp.oauth2",
+                            "give either [smtp.oauth2] or one of password, password_file and password_command, not both",
+                        );
+                        None
+                    } else {
+                        // The access token comes from the token endpoint at connection time.
+                        Some(Secret::new(""))
+                    }
+                }
                 Some(cmd) if cmd.trim().is_empty() => {
                     self.bad("smtp.password_command", "is empty");
                     None
@@ -1052,6 +1120,29 @@ impl Validator {
                 None
             }
         };
+        let oauth2 = match s.oauth2 {
+            Some(o) if !auth => {
+                let _ = o;
+                self.bad("smtp.oauth2", "needs auth = true and a user");
+                None
+            }
+            Some(o) => self.oauth2(o),
+            None => None,
+        };
+        let auth_mechanism = match (auth_mechanism, &oauth2) {
+            (None | Some(AuthMechanism::Xoauth2), Some(_)) => Some(AuthMechanism::Xoauth2),
+            (Some(m), Some(_)) => {
+                self.bad(
+                    "smtp.auth_mechanism",
+                    format!(
+                        "must be \"xoauth2\" (or left out) with [smtp.oauth2], not {:?}",
+                        m.name()
+                    ),
+                );
+                None
+            }
+            (m, None) => m,
+        };
         let max_messages_per_connection = s.max_messages_per_connection.unwrap_or(100);
         if max_messages_per_connection == 0 {
             self.bad("smtp.max_messages_per_connection", "must be at least 1");
@@ -1074,6 +1165,93 @@ impl Validator {
             source_address,
             password_command: s.password_command,
             auth_mechanism,
+            oauth2,
+        })
+    }
+
+    fn oauth2(&mut self, o: RawOAuth2) -> Option<OAuth2Config> {
+        let token_url = o.token_url.unwrap_or_default().trim().to_string();
+        if token_url.is_empty() {
+            self.bad("smtp.oauth2.token_url", "is required");
+        } else {
+            match reqwest::Url::parse(&token_url) {
+                Err(e) => self.bad("smtp.oauth2.token_url", format!("{token_url:?} is not a URL ({e})")),
+                Ok(u) if u.scheme() == "https" => {}
+                Ok(u) if u.scheme() == "http" && u.host_str().is_some_and(is_loopback_host) => {}
+                Ok(_) => self.bad(
+                    "smtp.oauth2.token_url",
+                    format!("{token_url:?} must be https (http only for a loopback host): the request carries the refresh token"),
+                ),
+            }
+        }
+        let client_id = o.client_id.unwrap_or_default().trim().to_string();
+        if client_id.is_empty() {
+            self.bad("smtp.oauth2.client_id", "is required");
+        }
+        let client_secret = match (o.client_secret, o.client_secret_file) {
+            (Some(_), Some(_)) => {
+                self.bad(
+                    "smtp.oauth2.client_secret",
+                    "give either client_secret or client_secret_file, not both",
+                );
+                None
+            }
+            (Some(s), None) if s.is_empty() => {
+                self.bad("smtp.oauth2.client_secret", "is empty");
+                None
+            }
+            (Some(s), None) => Some(Some(Secret::new(s))),
+            (None, Some(_)) if self.secrets == Secrets::Skip => Some(Some(Secret::new(""))),
+            (None, Some(f)) => match read_secret_file(&f) {
+                Ok(t) if t.is_empty() => {
+                    self.bad(
+                        "smtp.oauth2.client_secret_file",
+                        format!("{} is empty", f.display()),
+                    );
+                    None
+                }
+                Ok(t) => Some(Some(Secret::new(t))),
+                Err(e) => {
+                    self.bad("smtp.oauth2.client_secret_file", e);
+                    None
+                }
+            },
+            (None, None) => Some(None),
+        };
+        let refresh_token_file = match o.refresh_token_file {
+            None => {
+                self.bad("smtp.oauth2.refresh_token_file", "is required");
+                None
+            }
+            Some(f) if self.secrets == Secrets::Skip => Some(f),
+            // Read now only to check it; the daemon reads it again at each refresh.
+            Some(f) => match read_secret_file(&f) {
+                Ok(t) if t.trim().is_empty() => {
+                    self.bad(
+                        "smtp.oauth2.refresh_token_file",
+                        format!("{} is empty", f.display()),
+                    );
+                    None
+                }
+                Ok(_) => Some(f),
+                Err(e) => {
+                    self.bad("smtp.oauth2.refresh_token_file", e);
+                    None
+                }
+            },
+        };
+        let scope = o
+            .scope
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        Some(OAuth2Config {
+            token_url,
+            client_id,
+            client_secret: client_secret?,
+            refresh_token_file: refresh_token_file?,
+            scope,
         })
     }
 
@@ -1189,7 +1367,10 @@ impl Config {
                 );
                 out += &format!("auth = {}\n", s.credentials.is_some());
                 if let Some((user, _)) = &s.credentials {
-                    out += &format!("user = {user:?}\npassword = \"********\"\n");
+                    out += &format!("user = {user:?}\n");
+                    if s.oauth2.is_none() && s.password_command.is_none() {
+                        out += "password = \"********\"\n";
+                    }
                 }
                 out += &format!(
                     "timeout = {:?}\ndata_timeout = {:?}\n",
@@ -1212,6 +1393,23 @@ impl Config {
                 }
                 if let Some(a) = s.source_address {
                     out += &format!("source_address = \"{a}\"\n");
+                }
+                if let Some(o) = &s.oauth2 {
+                    out += "\n[smtp.oauth2]\n";
+                    out += &format!(
+                        "token_url = {:?}\nclient_id = {:?}\n",
+                        o.token_url, o.client_id
+                    );
+                    if o.client_secret.is_some() {
+                        out += "client_secret = \"********\"\n";
+                    }
+                    out += &format!(
+                        "refresh_token_file = {:?}\n",
+                        o.refresh_token_file.display().to_string()
+                    );
+                    if !o.scope.is_empty() {
+                        out += &format!("scope = {:?}\n", o.scope.join(" "));
+                    }
                 }
             }
         }

@@ -75,6 +75,9 @@ pub struct Deliverer {
     /// A failure `prepare` met, reported by the next `send` instead of trying again at once
     /// (a wrong password must not be tried twice per mail: providers lock accounts for that).
     prepared: Option<(Instant, Failure)>,
+    /// `[smtp.oauth2]`: where XOAUTH2's access tokens come from, with their cache (rebuilt on
+    /// reload, like the rest).
+    oauth: Option<std::sync::Arc<crate::oauth::TokenSource>>,
 }
 
 /// The opening of a session (greeting, EHLO, STARTTLS), read byte by byte so nothing is ever
@@ -403,7 +406,15 @@ impl Deliverer {
         } else {
             None
         };
+        let oauth = match &cfg.smtp.oauth2 {
+            Some(o) if cfg.smtp.transport == TransportKind::Smtp => Some(std::sync::Arc::new(
+                crate::oauth::TokenSource::new(o, cfg.smtp.timeout, cfg.smtp.ca_file.as_deref())
+                    .map_err(|e| Error::Config { problems: vec![e] })?,
+            )),
+            _ => None,
+        };
         Ok(Deliverer {
+            oauth,
             cfg: cfg.clone(),
             client_id: ClientId::Domain(cfg.sender.local_hostname.clone()),
             rustls,
@@ -449,7 +460,17 @@ impl Deliverer {
     async fn open(&self) -> Result<Session, Failure> {
         let s = &self.cfg.smtp;
         let mut conn = self.open_session().await?;
-        if let Some((user, password)) = &s.credentials {
+        if let (Some((user, _)), Some(source)) = (&s.credentials, &self.oauth) {
+            let what = format!("SMTP login as {user} (XOAUTH2)");
+            match self.xoauth2_login(&mut conn, user, source).await {
+                Ok(()) => self.report_step(what, Ok("accepted".into())),
+                Err(f) => {
+                    self.report_step(what, Err(self.describe(&f)));
+                    let _ = tokio::time::timeout(s.timeout, conn.abort()).await;
+                    return Err(f);
+                }
+            }
+        } else if let Some((user, password)) = &s.credentials {
             let what = format!("SMTP login as {user}");
             let secret = match &s.password_command {
                 Some(cmd) => match run_password_command(cmd, s.timeout).await {
@@ -509,6 +530,47 @@ impl Deliverer {
             last_used: Instant::now(),
             transactions: 0,
         })
+    }
+
+    /// AUTH XOAUTH2 with a token from `[smtp.oauth2]`: the cached one, and if the server
+    /// refuses that (5xx: revoked, or expired early), once more with a fresh one.
+    async fn xoauth2_login(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        user: &str,
+        source: &crate::oauth::TokenSource,
+    ) -> Result<(), Failure> {
+        let limit = self.cfg.smtp.timeout * 2;
+        let no_token = |e: crate::oauth::TokenError| Failure {
+            stage: Stage::Auth,
+            problem: Problem::OAuth2(e.to_string()),
+        };
+        let token = source.token().await.map_err(no_token)?;
+        let first = step(
+            Stage::Auth,
+            limit,
+            xoauth2(conn, user, token.secret.reveal()),
+        )
+        .await;
+        match first {
+            Err(Failure {
+                problem: Problem::Reply(r),
+                ..
+            }) if token.cached && r.code >= 500 => {
+                tracing::info!(
+                    reply = %r,
+                    "The server refused the cached OAuth2 access token; trying once more with a fresh one."
+                );
+                let fresh = source.fresh().await.map_err(no_token)?;
+                step(
+                    Stage::Auth,
+                    limit,
+                    xoauth2(conn, user, fresh.secret.reveal()),
+                )
+                .await
+            }
+            other => other,
+        }
     }
 
     /// Opens a session up to EHLO (and STARTTLS) ourselves, then hands the stream to lettre.

@@ -198,6 +198,10 @@ pub enum Error {
     /// `[smtp] password_command` failed: it could not run, ended with an error or printed nothing.
     #[error("password_command_failed")]
     PasswordCommand { detail: String },
+    /// `[smtp.oauth2]`: no access token could be had from the token endpoint (refresh token
+    /// refused, endpoint unreachable, or its file unreadable).
+    #[error("oauth2_token_failed")]
+    OAuth2Token { detail: String },
     /// With POP-before-SMTP, relaying was refused even right after a fresh POP login.
     #[error("relay_denied")]
     RelayDenied { reply: Reply },
@@ -283,6 +287,7 @@ impl Error {
             Error::Pop { error } => error.code(),
             Error::RelayDenied { .. } => "relay_denied",
             Error::PasswordCommand { .. } => "password_command_failed",
+            Error::OAuth2Token { .. } => "oauth2_token_failed",
             Error::SenderRefused { .. } => "sender_refused",
             Error::RecipientRefused { .. } => "recipient_refused",
             Error::RecipientDeferred { .. } => "recipient_deferred",
@@ -427,6 +432,13 @@ impl Error {
                     format!("パスワードを取得するコマンド (smtp.password_command) が失敗しました ({detail})")
                 } else {
                     format!("The command that gives the password (smtp.password_command) failed ({detail})")
+                }
+            }
+            Error::OAuth2Token { detail } => {
+                if ja {
+                    format!("OAuth2のアクセストークンを取得できません。smtp.oauth2の設定とリフレッシュトークンを確認してください ({detail})")
+                } else {
+                    format!("No OAuth2 access token could be had; check [smtp.oauth2] and the refresh token ({detail})")
                 }
             }
             Error::RelayDenied { reply } => {

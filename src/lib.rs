@@ -7,6 +7,7 @@
 //! - `scheduler`: finds due rows, paces, claims, and hands them on — it only schedules;
 //! - `message`: builds a mail from a row;
 //! - `deliver`: the only SMTP;
+//! - `oauth`: access tokens for XOAUTH2 from an OAuth2 refresh token (`[smtp.oauth2]`);
 //! - `policy`: pure failure policy — what a reply means, back-off, pauses;
 //! - `rate`: the token bucket and the rolling windows;
 //! - `signals`: signals as one enum, and the shutdown flag;
@@ -22,6 +23,7 @@ pub mod error;
 pub mod failpoint;
 pub mod message;
 pub mod net;
+pub mod oauth;
 pub mod policy;
 pub mod pop3;
 pub mod rate;

@@ -43,6 +43,8 @@ pub enum Problem {
     Pop(crate::pop3::PopError),
     /// `[smtp] password_command` failed (how, never what it printed).
     PasswordCommand(String),
+    /// `[smtp.oauth2]` gave no access token (why, never a token).
+    OAuth2(String),
 }
 
 /// The failure that ended a delivery attempt early, and where.
@@ -321,6 +323,7 @@ fn classify_failure(f: &Failure) -> (Class, Error) {
         Problem::PasswordCommand(d) => {
             (Class::Account, Error::PasswordCommand { detail: d.clone() })
         }
+        Problem::OAuth2(d) => (Class::Account, Error::OAuth2Token { detail: d.clone() }),
         Problem::Connect(detail) => (
             Class::Account,
             Error::ConnectFailed {

@@ -110,6 +110,84 @@ fn every_bad_start_is_one_line_and_exit_78() {
         &["run", "--once"],
         "chmod 600",
     );
+    // [smtp.oauth2]: each kind of mistake names its key.
+    let refresh = write("refresh_token", "1//r\n");
+    std::fs::set_permissions(&refresh, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let open_refresh = write("refresh_open", "1//r\n");
+    std::fs::set_permissions(&open_refresh, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let rt =
+        |f: &std::path::Path| format!("refresh_token_file = {}", toml_str(f.to_str().unwrap()));
+    let ok_table = format!(
+        "token_url = \"https://oauth2.example.com/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n{}",
+        rt(&refresh)
+    );
+    let oauth = |smtp: &str, table: &str| {
+        good.replace(
+            "auth = false",
+            &format!("auth = true\nuser = \"u\"\n{smtp}"),
+        )
+        .replace("[rate]", &format!("[smtp.oauth2]\n{table}\n\n[rate]"))
+    };
+    let ok = write("oauth-ok.toml", &oauth("", &ok_table));
+    let out = run_mailqueue(&ok, &["check-config"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let oauth_cases: Vec<(String, String, &str)> = vec![
+        (
+            String::new(),
+            ok_table.replace("token_url = \"https://oauth2.example.com/token\"\n", ""),
+            "smtp.oauth2.token_url",
+        ),
+        (
+            String::new(),
+            ok_table.replace("https://oauth2.example.com", "http://oauth2.example.com"),
+            "must be https",
+        ),
+        (
+            String::new(),
+            ok_table.replace("client_id = \"c\"\n", ""),
+            "smtp.oauth2.client_id",
+        ),
+        (
+            String::new(),
+            format!("{ok_table}\nclient_secret_file = \"/x\""),
+            "smtp.oauth2.client_secret",
+        ),
+        (
+            String::new(),
+            ok_table.replace(&rt(&refresh), &rt(&open_refresh)),
+            "chmod 600",
+        ),
+        (
+            String::new(),
+            ok_table.replace(&rt(&refresh), ""),
+            "smtp.oauth2.refresh_token_file",
+        ),
+        (
+            String::new(),
+            format!("{ok_table}\ntokenurl = \"x\""),
+            "tokenurl",
+        ),
+        ("password = \"p\"".into(), ok_table.clone(), "smtp.oauth2"),
+        (
+            "auth_mechanism = \"plain\"".into(),
+            ok_table.clone(),
+            "smtp.auth_mechanism",
+        ),
+    ];
+    for (smtp, table, key) in &oauth_cases {
+        let p = write("oauth-bad.toml", &oauth(smtp, table));
+        expect_78(&p, &["check-config"], key);
+    }
+    let no_auth = good.replace("[rate]", &format!("[smtp.oauth2]\n{ok_table}\n\n[rate]"));
+    expect_78(
+        &write("oauth-noauth.toml", &no_auth),
+        &["check-config"],
+        "smtp.oauth2",
+    );
     // The queue file: in a missing directory, and from a newer mailqueue.
     let nowhere = good.replace(
         db.to_str().unwrap(),
@@ -159,6 +237,7 @@ fn the_configuration_reference_lists_every_key() {
         ("RawQueue", "queue"),
         ("RawSender", "sender"),
         ("RawSmtp", "smtp"),
+        ("RawOAuth2", "smtp.oauth2"),
         ("RawPop", "pop_before_smtp"),
         ("RawRate", "rate"),
         ("RawLog", "log"),
