@@ -729,7 +729,15 @@ fn every_example_config_loads() {
         let text = std::fs::read_to_string(&p)
             .unwrap()
             .replace("/etc/mailqueue/smtp-password", secret.to_str().unwrap())
-            .replace("/etc/mailqueue/pop-password", secret.to_str().unwrap());
+            .replace("/etc/mailqueue/pop-password", secret.to_str().unwrap())
+            .replace(
+                "/etc/mailqueue/oauth2-client-secret",
+                secret.to_str().unwrap(),
+            )
+            .replace(
+                "/var/lib/mailqueue/oauth2-refresh-token",
+                secret.to_str().unwrap(),
+            );
         let cfg = dir.path().join(p.file_name().unwrap());
         std::fs::write(&cfg, text).unwrap();
         let out = run_mailqueue(&cfg, &["check-config"]);

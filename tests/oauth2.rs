@@ -585,6 +585,18 @@ fn test_send_shows_the_xoauth2_login() {
         "{stdout}"
     );
     assert!(!stdout.contains("ya29.access-1"), "{stdout}");
+    // check-config --connect (what docs/providers.md tells the admin to run) logs in the same way.
+    let out = run_mailqueue(&s.config, &["check-config", "--connect"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        smtp_log(&p),
+        vec!["AUTH ya29.access-1 235", "AUTH ya29.access-2 235"],
+        "each process gets its own token"
+    );
 }
 
 #[test]
