@@ -357,20 +357,23 @@ async fn take_lock(db: &Path) -> Result<(RunLock, bool), Error> {
 }
 
 async fn recover(store: &Store, cfg: &Config, exclusive: bool) -> Result<(), Error> {
-    if !exclusive {
-        tracing::info!("Another mailqueue process is delivering from this queue; rows in 'sending' are left to it.");
-        return Ok(());
+    if exclusive {
+        let hold = cfg.queue.on_doubt == crate::policy::OnDoubt::Hold;
+        let text = Error::InDoubt {
+            detail: "mailqueue stopped during the delivery".into(),
+            held: hold,
+        }
+        .text(cfg.log.error_language);
+        let ids = store.recover_sending(text, hold).await?;
+        if !ids.is_empty() {
+            tracing::warn!(mail_ids = ?ids, "Rows left 'sending' by a previous run may have been delivered (in doubt): queued again, or held with on_doubt = \"hold\".");
+        }
+    } else {
+        tracing::info!("Another mailqueue process is delivering from this queue; its rows in 'sending' are left to it.");
     }
-    let hold = cfg.queue.on_doubt == crate::policy::OnDoubt::Hold;
-    let text = Error::InDoubt {
-        detail: "mailqueue stopped during the delivery".into(),
-        held: hold,
-    }
-    .text(cfg.log.error_language);
-    let ids = store.recover_sending(text, hold).await?;
-    if !ids.is_empty() {
-        tracing::warn!(mail_ids = ?ids, "Rows left 'sending' by a previous run may have been delivered (in doubt): queued again, or held with on_doubt = \"hold\".");
-    }
+    // Safe with or without the exclusive lock: only the rows of processes that have ended.
+    // (With it, this only removes their lock files: their rows were recovered just above.)
+    service::recover_orphans(store, cfg).await;
     Ok(())
 }
 

@@ -5,18 +5,21 @@
 //! recipient list, a malformed `send_after`), and build the RFC 5322 message with lettre: From
 //! with its display name (encoded per RFC 2047 when not ASCII), To/Cc (Bcc only in the
 //! envelope), Reply-To, Subject, the stored Message-ID, Date, and a text body with an optional
-//! HTML alternative.
+//! HTML alternative. The headers that carry the row's text (From, To, Cc, Reply-To, Subject)
+//! are written here, not by lettre: every mailbox keeps its place (address literals too), lines
+//! are folded far below 998 octets, and a subject that needs encoding is encoded whole (its
+//! spaces, and text that merely looks like an encoded word, arrive as written).
 //!
 //! Not its job: sending, or deciding what a bad row means (it returns an [`Error`]; the caller
 //! fails the row).
 //!
 //! Invariants: the same row builds the same headers on every attempt (the Message-ID is the
-//! row's); every recipient appears once in the envelope; the result is no larger than
-//! `max_message_size`.
+//! row's); every recipient appears once in the envelope; no header line is longer than 998
+//! octets; the result is no larger than `max_message_size`.
 
 use std::str::FromStr;
 
-use lettre::message::header::ContentType;
+use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::Address;
 
@@ -327,19 +330,34 @@ fn iso2022jp(s: &str) -> Option<Vec<u8>> {
     (!unmappable).then(|| bytes.into_owned())
 }
 
-/// RFC 2047 encoded words in ISO-2022-JP, each a self-contained piece of at most 75 characters
-/// (RFC 1468: every word ends back in ASCII), folded with CRLF + space.
-fn iso_words(s: &str) -> Option<String> {
-    use base64::Engine;
-    if s.is_ascii() && !s.contains("=?") {
-        return Some(s.to_string());
+/// The bytes of `s` in `charset`, or `None` if the charset cannot carry it.
+fn charset_bytes(s: &str, charset: Charset) -> Option<Vec<u8>> {
+    match charset {
+        Charset::Utf8 => Some(s.as_bytes().to_vec()),
+        Charset::Iso2022Jp => iso2022jp(s),
     }
+}
+
+/// The whole of `s` as RFC 2047 "B" encoded words in `charset`, each a self-contained piece of
+/// whole characters (RFC 1468: an ISO-2022-JP word ends back in ASCII) of at most 70
+/// characters. Every character, spaces included, is inside a word: the whitespace between two
+/// encoded words is not shown (RFC 2047 §6.2), so a run of spaces survives only that way. `None`
+/// if the charset cannot carry `s`.
+fn encoded_words(s: &str, charset: Charset) -> Option<Vec<String>> {
+    use base64::Engine;
+    // The spellings lettre and older Japanese mailers use.
+    let label = match charset {
+        Charset::Utf8 => "utf-8?b",
+        Charset::Iso2022Jp => "ISO-2022-JP?B",
+    };
+    // At most 39 octets per word: 52 base64 characters, 70 with the ISO-2022-JP label.
+    const MAX_OCTETS: usize = 39;
     let mut words = Vec::new();
     let mut chunk = String::new();
     for c in s.chars() {
         let mut next = chunk.clone();
         next.push(c);
-        if iso2022jp(&next)?.len() > 39 && !chunk.is_empty() {
+        if charset_bytes(&next, charset)?.len() > MAX_OCTETS && !chunk.is_empty() {
             words.push(std::mem::take(&mut chunk));
             chunk.push(c);
         } else {
@@ -349,45 +367,119 @@ fn iso_words(s: &str) -> Option<String> {
     if !chunk.is_empty() {
         words.push(chunk);
     }
-    let encoded: Option<Vec<String>> = words
+    words
         .iter()
         .map(|w| {
-            iso2022jp(w).map(|b| {
+            charset_bytes(w, charset).map(|b| {
                 format!(
-                    "=?ISO-2022-JP?B?{}?=",
+                    "=?{label}?{}?=",
                     base64::engine::general_purpose::STANDARD.encode(b)
                 )
             })
         })
-        .collect();
-    Some(encoded?.join("\r\n "))
+        .collect()
 }
 
-/// A mailbox list as a header value with ISO-2022-JP display names.
-fn iso_mailboxes(list: &[Mailbox]) -> Option<String> {
-    let parts: Option<Vec<String>> = list
-        .iter()
-        .map(|m| match &m.name {
-            Some(n) if !n.is_empty() => {
-                let name = if n.is_ascii() {
-                    format!("\"{}\"", n.replace('\\', "\\\\").replace('"', "\\\""))
-                } else {
-                    iso_words(n)?
-                };
-                Some(format!("{name} <{}>", m.email))
+/// Whether `s` can go into an unstructured header (Subject) as it is: printable ASCII (and
+/// tab), nothing a recipient would decode as an encoded word (RFC 2047 §5: text that looks like
+/// one must itself be encoded), and no word too long to fold.
+fn plain_text_ok(s: &str) -> bool {
+    s.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+        && !s.contains("=?")
+        && s.split(' ').all(|w| w.len() <= MAX_PLAIN_WORD)
+}
+
+/// The longest space-free piece written as it is; longer ones are encoded (and so cut into
+/// words), which keeps every header line far below RFC 5322's 998 octets.
+const MAX_PLAIN_WORD: usize = 200;
+
+/// The words of a header's value, to be joined by single spaces and folded between them:
+/// the text as it is when [`plain_text_ok`], else its encoded words in `charset`.
+fn text_words(s: &str, charset: Charset) -> Option<Vec<String>> {
+    if plain_text_ok(s) {
+        Some(s.split(' ').map(str::to_string).collect())
+    } else {
+        encoded_words(s, charset)
+    }
+}
+
+/// A display name as phrase words: as it is when it is only letters, digits and single spaces;
+/// a quoted string when it is other printable ASCII; encoded words otherwise (non-ASCII, `=?`,
+/// or a piece too long to fold).
+fn phrase_words(name: &str, charset: Charset) -> Option<Vec<String>> {
+    if !plain_text_ok(name) || name.contains('\t') {
+        return encoded_words(name, charset);
+    }
+    let atoms = name
+        .split(' ')
+        .all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_alphanumeric()));
+    if atoms {
+        return Some(name.split(' ').map(str::to_string).collect());
+    }
+    let quoted = format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""));
+    // Folding inside a quoted string is allowed (RFC 5322 §3.2.4: FWS between its characters);
+    // unfolding gives back the same text.
+    Some(quoted.split(' ').map(str::to_string).collect())
+}
+
+/// Joins `words` with single spaces after `name: `, folding (CRLF + the space) before a word
+/// that would take the line past 76 characters. A continuation line always carries a word, and
+/// no word is longer than a few hundred octets, so no line comes near 998 octets (RFC 5322
+/// §2.1.1) whatever the row holds.
+fn folded(name: &'static str, words: &[String]) -> String {
+    let mut out = String::new();
+    let mut line = name.len() + 2;
+    let mut line_has_text = false;
+    for (i, w) in words.iter().enumerate() {
+        if i > 0 {
+            if line_has_text && !w.is_empty() && line + 1 + w.len() > 76 {
+                out.push_str("\r\n ");
+                line = 1;
+            } else {
+                out.push(' ');
+                line += 1;
             }
-            _ => Some(m.email.to_string()),
-        })
-        .collect();
-    Some(parts?.join(",\r\n "))
+        }
+        out.push_str(w);
+        line += w.len();
+        line_has_text |= !w.is_empty();
+    }
+    out
 }
 
-fn raw(name: &'static str, value: String) -> lettre::message::header::HeaderValue {
-    lettre::message::header::HeaderValue::dangerous_new_pre_encoded(
-        lettre::message::header::HeaderName::new_from_ascii_str(name),
-        value.clone(),
-        value,
-    )
+/// A header written by us (lettre would re-encode or re-parse it).
+fn raw(name: &'static str, raw_value: String, encoded: String) -> HeaderValue {
+    HeaderValue::dangerous_new_pre_encoded(HeaderName::new_from_ascii_str(name), raw_value, encoded)
+}
+
+/// The Subject header in `charset`, or `None` if the charset cannot carry it.
+fn subject_header(subject: &str, charset: Charset) -> Option<HeaderValue> {
+    let words = text_words(subject, charset)?;
+    Some(raw(
+        "Subject",
+        subject.to_string(),
+        folded("Subject", &words),
+    ))
+}
+
+/// A mailbox-list header (From, To, Cc, Reply-To) written by us, so that every mailbox keeps
+/// its place (lettre re-parses a list to append to it, and its parser drops what it cannot
+/// read, such as `user@[127.0.0.1]`) and a long list is folded at its commas. `None` if
+/// `charset` cannot carry a display name.
+fn mailboxes_header(name: &'static str, list: &[Mailbox], charset: Charset) -> Option<HeaderValue> {
+    let mut words = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        let comma = if i + 1 < list.len() { "," } else { "" };
+        match m.name.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
+            Some(n) => {
+                words.extend(phrase_words(n, charset)?);
+                words.push(format!("<{}>{comma}", m.email));
+            }
+            None => words.push(format!("{}{comma}", m.email)),
+        }
+    }
+    let shown: Vec<String> = list.iter().map(Mailbox::to_string).collect();
+    Some(raw(name, shown.join(", "), folded(name, &words)))
 }
 
 /// Builds the mail for a claimed row in `charset`. With ISO-2022-JP, a mail with a character
@@ -444,12 +536,13 @@ fn compose_iso(
         .replace("\r\n", "\n")
         .replace('\r', "\n")
         .replace('\n', "\r\n");
+    let cs = Charset::Iso2022Jp;
     let (Some(subject), Some(from), Some(to_h), Some(cc_h), Some(rt_h), Some(body)) = (
-        iso_words(&claim.subject),
-        iso_mailboxes(std::slice::from_ref(&sender.from)),
-        iso_mailboxes(&to),
-        iso_mailboxes(&cc),
-        iso_mailboxes(&reply_to),
+        subject_header(&claim.subject, cs),
+        mailboxes_header("From", std::slice::from_ref(&sender.from), cs),
+        mailboxes_header("To", &to, cs),
+        mailboxes_header("Cc", &cc, cs),
+        mailboxes_header("Reply-To", &reply_to, cs),
         iso2022jp(&text),
     ) else {
         return Ok(None);
@@ -463,19 +556,19 @@ fn compose_iso(
             detail: format!("envelope: {e}"),
         })?;
     let mut b = lettre::Message::builder()
-        .from(Mailbox::new(None, sender.from.email.clone()))
+        .from(sender.from.clone())
         .message_id(Some(claim.message_id.clone()))
         .envelope(envelope)
-        .raw_header(raw("From", from))
-        .raw_header(raw("Subject", subject));
+        .raw_header(from)
+        .raw_header(subject);
     if !to.is_empty() {
-        b = b.raw_header(raw("To", to_h));
+        b = b.raw_header(to_h);
     }
     if !cc.is_empty() {
-        b = b.raw_header(raw("Cc", cc_h));
+        b = b.raw_header(cc_h);
     }
     if !reply_to.is_empty() {
-        b = b.raw_header(raw("Reply-To", rt_h));
+        b = b.raw_header(rt_h);
     }
     let iso_text = SinglePart::builder()
         .content_type(
@@ -552,18 +645,23 @@ fn compose_utf8(
         });
     }
 
+    // Every header with text from the row or the config is written by us (see
+    // `mailboxes_header` and `subject_header`); UTF-8 carries any text.
+    let header = |h: Option<HeaderValue>| h.expect("UTF-8 carries any text");
+    let cs = Charset::Utf8;
     let mut b = lettre::Message::builder()
         .from(sender.from.clone())
-        .subject(claim.subject.clone())
+        .raw_header(header(mailboxes_header(
+            "From",
+            std::slice::from_ref(&sender.from),
+            cs,
+        )))
+        .raw_header(header(subject_header(&claim.subject, cs)))
         .message_id(Some(claim.message_id.clone()));
-    for mb in to {
-        b = b.to(mb);
-    }
-    for mb in cc {
-        b = b.cc(mb);
-    }
-    for mb in reply_to {
-        b = b.reply_to(mb);
+    for (name, list) in [("To", &to), ("Cc", &cc), ("Reply-To", &reply_to)] {
+        if !list.is_empty() {
+            b = b.raw_header(header(mailboxes_header(name, list, cs)));
+        }
     }
     let all: Vec<Address> = recipients.iter().map(|r| r.address.clone()).collect();
     let envelope = lettre::address::Envelope::new(Some(sender.envelope_from.clone()), all)

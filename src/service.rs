@@ -2,9 +2,10 @@
 //!
 //! Job: tell systemd when the daemon is ready, reloading or stopping (`Type=notify`); feed the
 //! watchdog only while the scheduler keeps its [`Heartbeat`] promise, so a frozen scheduler is
-//! restarted but a long, bounded wait on a slow server is not; purge old rows and keep the
-//! queue file small (`keep_sent`, `keep_failed`, WAL checkpoints, incremental vacuum); refresh
-//! the metrics gauges that come from the database.
+//! restarted but a long, bounded wait on a slow server is not; recover the rows another
+//! mailqueue process left `sending` when it ended mid-attempt (a killed `test-send`); purge old
+//! rows and keep the queue file small (`keep_sent`, `keep_failed`, WAL checkpoints, incremental
+//! vacuum); refresh the metrics gauges that come from the database.
 //!
 //! Not its job: delivering, or deciding anything about a mail.
 //!
@@ -19,7 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sd_notify::NotifyState;
 
 use crate::config::Config;
-use crate::error::Lang;
+use crate::error::{Error, Lang};
+use crate::policy::OnDoubt;
 use crate::signals::Shutdown;
 use crate::store::Store;
 
@@ -111,19 +113,54 @@ pub fn spawn_watchdog(heartbeat: Arc<Heartbeat>, mut shutdown: Shutdown) {
     });
 }
 
-/// Purges old rows and maintains the file every `[queue] housekeeping_interval`.
+/// Recovers the rows left `sending` by another mailqueue process that has ended (a `test-send`
+/// or a `run --once` killed mid-attempt) as start-up recovery does: the attempt is `in_doubt`,
+/// the row queued again (or held with `on_doubt = "hold"`). Rows of live processes are never
+/// touched (see `Store::recover_orphans`). Errors are logged; the next round tries again.
+pub async fn recover_orphans(store: &Store, cfg: &Config) {
+    let hold = cfg.queue.on_doubt == OnDoubt::Hold;
+    let text = Error::InDoubt {
+        detail: "the mailqueue process that was sending it stopped during the delivery".into(),
+        held: hold,
+    }
+    .text(cfg.log.error_language);
+    match store.recover_orphans(text, hold).await {
+        Ok(o) => {
+            if !o.recovered.is_empty() {
+                tracing::warn!(mail_ids = ?o.recovered, "Rows left 'sending' by a mailqueue process that has ended may have been delivered (in doubt): queued again, or held with on_doubt = \"hold\".");
+            }
+            if !o.unknown.is_empty() {
+                tracing::warn!(mail_ids = ?o.unknown, "Rows are 'sending' but the lock file of the process that claimed them is missing (deleted by hand?); they are left alone until mailqueue next starts.");
+            }
+            tracing::debug!(
+                recovered = o.recovered.len(),
+                live = o.live,
+                unknown = o.unknown.len(),
+                "Checked the rows other processes are sending."
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e.text(Lang::En), "Cannot check the rows other processes are sending; trying again next round.")
+        }
+    }
+}
+
+/// Every `[queue] housekeeping_interval`: recovers the rows of processes that ended while
+/// sending, purges old rows and maintains the file.
 pub fn spawn_housekeeping(store: Store, cfg: &Config, mut shutdown: Shutdown) {
     let (keep_sent, keep_failed, every) = (
         cfg.queue.keep_sent,
         cfg.queue.keep_failed,
         cfg.queue.housekeeping_interval,
     );
+    let cfg = cfg.clone();
     tokio::spawn(async move {
         let mut blocked_rounds = 0u32;
         loop {
             if !shutdown.sleep(every).await {
                 return;
             }
+            recover_orphans(&store, &cfg).await;
             let now = SystemTime::now();
             let sent = store
                 .purge_status(&["sent"], now.checked_sub(keep_sent).unwrap_or(UNIX_EPOCH))

@@ -13,6 +13,10 @@
 //! - every write is one short `BEGIN IMMEDIATE` transaction; none is held across network I/O;
 //! - a row is claimed by flipping `queued` → `sending` inside `BEGIN IMMEDIATE`, so two processes
 //!   on one file never claim the same row;
+//! - every claim writes the claiming process's token into `claimed_by`, and that process holds
+//!   its owner lock file (`<queue file>.owner-<token>.lock`) from before its first claim until
+//!   it ends; rows are recovered from `sending` only when no one can be delivering them: at a
+//!   start with the exclusive run lock, or when their claimer's lock can be taken;
 //! - timestamps are UTC text `YYYY-MM-DDTHH:MM:SS.sssZ` (sortable as text);
 //! - queries are bounded (LIMIT) — nothing loads every row.
 
@@ -110,6 +114,11 @@ CREATE TABLE mail_attachment (
     CHECK ((content IS NULL) <> (path IS NULL))
 );
 CREATE INDEX mail_attachment_mail ON mail_attachment (mail_id);
+"#,
+    // 3: which process claimed a row (its token, also the name of its lock file), so that the
+    // daemon can recover the rows of a process that died while the daemon runs.
+    r#"
+ALTER TABLE mail_queue ADD COLUMN claimed_by TEXT;
 "#,
 ];
 
@@ -307,6 +316,8 @@ pub struct Store {
     conn: Arc<Mutex<Connection>>,
     /// The file, for messages.
     path: PathBuf,
+    /// This process's [`OwnerLock`], taken before its first claim and held for its life.
+    owner: Arc<Mutex<Option<OwnerLock>>>,
 }
 
 fn now_ts() -> String {
@@ -364,6 +375,7 @@ impl Store {
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
+            owner: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -396,27 +408,75 @@ impl Store {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now = now_ts();
             let ids: Vec<i64> = {
-                let mut st = tx.prepare("SELECT id FROM mail_queue WHERE status = 'sending' ORDER BY id")?;
+                let mut st =
+                    tx.prepare("SELECT id FROM mail_queue WHERE status = 'sending' ORDER BY id")?;
                 let v = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
                 v
             };
-            for id in &ids {
-                tx.execute(
-                    // started_at becomes now: the mail may have gone out just before the crash, and
-                    // the pace is rebuilt from these times (a claim time would be too early).
-                    "UPDATE mail_attempt SET finished_at = ?2, started_at = ?2, outcome = 'in_doubt', error_code = 'in_doubt', error_text = ?3
-                     WHERE mail_id = ?1 AND finished_at IS NULL",
-                    params![id, now, text],
-                )?;
-                tx.execute(
-                    "UPDATE mail_queue SET status = ?4, next_attempt_at = ?2, updated_at = ?2,
-                            last_error = ?3, error_code = 'in_doubt'
-                     WHERE id = ?1",
-                    params![id, now, text, status],
-                )?;
-            }
+            recover_rows(&tx, &ids, &now, &text, status)?;
             tx.commit()?;
             Ok(ids)
+        })
+        .await
+    }
+
+    /// Recovers the rows left `sending` by processes that are gone, while others may be
+    /// delivering: a row whose claimer's [`OwnerLock`] file can be locked (so that process has
+    /// ended) is settled as [`Store::recover_sending`] does (its open attempt `in_doubt`; the
+    /// row `queued`, due now, or `held`), and the file is removed. A row whose claimer still
+    /// holds its lock is never touched. Lock files of ended processes with nothing left
+    /// `sending` are removed too.
+    pub async fn recover_orphans(&self, text: String, hold: bool) -> Result<Orphans, Error> {
+        let status = if hold { "held" } else { "queued" };
+        let db = self.path.clone();
+        self.call(move |c| {
+            let mut out = Orphans::default();
+            for (token, path) in owner_files(&db)? {
+                // Read-only is enough for flock, whoever created the file.
+                let file = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // just removed
+                    Err(e) => return Err(Error::db(format!("cannot open the lock file {}: {e}", path.display()))),
+                };
+                match file.try_lock() {
+                    Ok(()) => {}
+                    Err(std::fs::TryLockError::WouldBlock) => continue, // alive
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        return Err(Error::db(format!("cannot lock {}: {e}", path.display())))
+                    }
+                }
+                // Its process has ended: nobody delivers under this token any more.
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let ids: Vec<i64> = {
+                    let mut st = tx.prepare(
+                        "SELECT id FROM mail_queue WHERE status = 'sending' AND claimed_by = ?1 ORDER BY id",
+                    )?;
+                    let v = st.query_map(params![token], |r| r.get(0))?.collect::<Result<_, _>>()?;
+                    v
+                };
+                recover_rows(&tx, &ids, &now_ts(), &text, status)?;
+                tx.commit()?;
+                out.recovered.extend(ids);
+                // Removed while we hold its lock; a failure only leaves it for the next round.
+                let _ = std::fs::remove_file(&path);
+            }
+            remove_stale_new_owner_files(&db);
+            let claimed: Vec<(i64, String)> = {
+                let mut st = c.prepare(
+                    "SELECT id, claimed_by FROM mail_queue WHERE status = 'sending' AND claimed_by IS NOT NULL
+                     ORDER BY id LIMIT 1000",
+                )?;
+                let v = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+                v
+            };
+            for (id, token) in claimed {
+                if valid_token(&token) && owner_path(&db, &token).exists() {
+                    out.live += 1;
+                } else {
+                    out.unknown.push(id);
+                }
+            }
+            Ok(out)
         })
         .await
     }
@@ -441,7 +501,9 @@ impl Store {
         msgid_domain: String,
     ) -> Result<Option<Claim>, Error> {
         let now = ts(now);
+        let (owner, db) = (self.owner.clone(), self.path.clone());
         self.call(move |c| {
+            let token = owner_token(&owner, &db)?;
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let sql = format!("SELECT id FROM mail_queue INDEXED BY mail_queue_waiting WHERE {DUE} ORDER BY priority DESC, created_at, id LIMIT 1");
             let id: Option<i64> = tx.prepare_cached(&sql)?.query_row(params![now], |r| r.get(0)).optional()?;
@@ -454,12 +516,12 @@ impl Store {
             let new_id = format!("<{}@{}>", uuid::Uuid::new_v4().simple(), msgid_domain);
             let claim = tx.prepare_cached(
                 "UPDATE mail_queue SET status = 'sending', attempts = attempts + 1, updated_at = ?2,
-                        message_id = coalesce(message_id, ?3)
+                        message_id = coalesce(message_id, ?3), claimed_by = ?4
                  WHERE id = ?1 AND status = 'queued'
                  RETURNING id, message_id, attempts, max_attempts, to_addrs, cc_addrs, bcc_addrs, reply_to,
                            subject, body_text, body_html, created_at, send_after",
             )?
-            .query_row(params![id, now, new_id], |r| {
+            .query_row(params![id, now, new_id, token], |r| {
                 Ok(Claim {
                     id: r.get(0)?,
                     attempt_id: 0,
@@ -713,14 +775,17 @@ impl Store {
         status: &'static str,
         msgid_domain: Option<String>,
     ) -> Result<i64, Error> {
+        let (owner, db) = (self.owner.clone(), self.path.clone());
         self.call(move |c| {
             let attempts = if status == "sending" { 1 } else { 0 };
+            // A row inserted already claimed (a test mail) carries this process's token.
+            let claimed_by = if status == "sending" { Some(owner_token(&owner, &db)?) } else { None };
             let msgid = msgid_domain.map(|d| format!("<{}@{}>", uuid::Uuid::new_v4().simple(), d));
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute(
                 "INSERT INTO mail_queue (to_addrs, cc_addrs, bcc_addrs, subject, body_text, body_html, priority,
-                                         send_after, max_attempts, status, attempts, message_id, headers)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                         send_after, max_attempts, status, attempts, message_id, headers, claimed_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 params![
                     m.to,
                     m.cc,
@@ -734,7 +799,8 @@ impl Store {
                     status,
                     attempts,
                     msgid,
-                    m.headers
+                    m.headers,
+                    claimed_by
                 ],
             )?;
             let id = tx.last_insert_rowid();
@@ -924,9 +990,11 @@ impl Store {
 
 /// An advisory lock on `<queue file>.lock`, held by every process that delivers from the file.
 ///
-/// Delivering processes hold it shared. Recovering rows left `sending` is only safe when no
-/// other process is delivering (one of them may be sending that very row), so recovery first
-/// tries to take it exclusively and skips recovery if another process holds it.
+/// Delivering processes hold it shared. Recovering every row left `sending` is only safe when
+/// no other process is delivering (one of them may be sending that very row), so start-up
+/// recovery first tries to take it exclusively and skips that if another process holds it.
+/// The rows of one process that has ended are recovered any time through its own
+/// [`OwnerLock`] ([`Store::recover_orphans`]).
 pub struct RunLock {
     /// The open lock file; the lock lives as long as it does.
     file: std::fs::File,
@@ -957,6 +1025,167 @@ impl RunLock {
             .lock_shared()
             .map_err(|e| Error::db(format!("cannot downgrade the run lock: {e}")))
     }
+}
+
+/// Settles rows left `sending` by a process that ended mid-attempt: the open attempt becomes
+/// `in_doubt` (the mail may have gone out), the row `status` (`queued`, due now, or `held`).
+fn recover_rows(
+    tx: &rusqlite::Transaction<'_>,
+    ids: &[i64],
+    now: &str,
+    text: &str,
+    status: &str,
+) -> Result<(), Error> {
+    for id in ids {
+        tx.execute(
+            // started_at becomes now: the mail may have gone out just before the crash, and
+            // the pace is rebuilt from these times (a claim time would be too early).
+            "UPDATE mail_attempt SET finished_at = ?2, started_at = ?2, outcome = 'in_doubt', error_code = 'in_doubt', error_text = ?3
+             WHERE mail_id = ?1 AND finished_at IS NULL",
+            params![id, now, text],
+        )?;
+        tx.execute(
+            "UPDATE mail_queue SET status = ?4, next_attempt_at = ?2, updated_at = ?2,
+                    last_error = ?3, error_code = 'in_doubt'
+             WHERE id = ?1",
+            params![id, now, text, status],
+        )?;
+    }
+    Ok(())
+}
+
+/// What [`Store::recover_orphans`] found.
+#[derive(Debug, Default)]
+pub struct Orphans {
+    /// Rows whose claimer had ended: settled (in doubt).
+    pub recovered: Vec<i64>,
+    /// Rows `sending` under a process that is alive: left alone.
+    pub live: usize,
+    /// Rows `sending` whose claimer's lock file is missing (deleted by hand?): left alone, for
+    /// the next start's recovery.
+    pub unknown: Vec<i64>,
+}
+
+/// The mark of a process that claims rows: the lock file `<queue file>.owner-<token>.lock`,
+/// held exclusively (flock) from before its first claim until the process ends, and the
+/// token written into `mail_queue.claimed_by` by each of its claims. The kernel drops the lock
+/// when the process ends, however it ends (SIGKILL included): a file that can be locked names a
+/// process that is gone, and its `sending` rows can be recovered while others run.
+struct OwnerLock {
+    /// `<pid>-<random>`: unique, so a token is never reused by a later process.
+    token: String,
+    /// The open, locked file.
+    _file: std::fs::File,
+}
+
+/// Where the owner lock files of `db` live (next to it) and how their names start.
+fn owner_dir_and_prefix(db: &Path) -> (PathBuf, String) {
+    let dir = db
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let name = db
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    (dir, format!("{name}.owner-"))
+}
+
+fn owner_path(db: &Path, token: &str) -> PathBuf {
+    let (dir, prefix) = owner_dir_and_prefix(db);
+    dir.join(format!("{prefix}{token}.lock"))
+}
+
+/// A token as mailqueue writes it (the column is the CRM's to read, not to trust: it names a
+/// file).
+fn valid_token(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// The owner lock files next to `db`: (token, path).
+fn owner_files(db: &Path) -> Result<Vec<(String, PathBuf)>, Error> {
+    let (dir, prefix) = owner_dir_and_prefix(db);
+    let entries = std::fs::read_dir(&dir)
+        .map_err(|e| Error::db(format!("cannot list {}: {e}", dir.display())))?;
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(token) = name
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".lock"))
+            .filter(|t| valid_token(t))
+        {
+            out.push((token.to_string(), e.path()));
+        }
+    }
+    Ok(out)
+}
+
+/// Removes `.lock.new` files left by a process that ended between creating its lock file and
+/// renaming it into place (a window of microseconds; an hour-old one is certainly stale).
+fn remove_stale_new_owner_files(db: &Path) {
+    let (dir, prefix) = owner_dir_and_prefix(db);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(3600));
+        if name.starts_with(&prefix) && name.ends_with(".lock.new") && old {
+            if let Ok(f) = std::fs::File::open(e.path()) {
+                if f.try_lock().is_ok() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+impl OwnerLock {
+    /// Creates and locks this process's file. It is locked under a temporary name and renamed
+    /// into place, so a file under its final name is locked from the moment it exists (the
+    /// daemon never sees it unlocked and takes its owner for gone).
+    fn create(db: &Path) -> Result<OwnerLock, Error> {
+        use std::io::Write;
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        let token = format!("{}-{}", std::process::id(), &random[..12]);
+        let path = owner_path(db, &token);
+        let tmp = PathBuf::from(format!("{}.new", path.display()));
+        let err = |e: std::io::Error| {
+            Error::db(format!(
+                "cannot create the lock file {}: {e}",
+                path.display()
+            ))
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&tmp)
+            .map_err(err)?;
+        file.lock().map_err(err)?;
+        let _ = writeln!(file, "{}", std::process::id());
+        std::fs::rename(&tmp, &path).map_err(err)?;
+        Ok(OwnerLock { token, _file: file })
+    }
+}
+
+/// This process's claim token, creating its [`OwnerLock`] at the first claim. Blocking: call
+/// it inside [`Store::call`].
+fn owner_token(owner: &Mutex<Option<OwnerLock>>, db: &Path) -> Result<String, Error> {
+    let mut o = owner.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(l) = o.as_ref() {
+        return Ok(l.token.clone());
+    }
+    let l = OwnerLock::create(db)?;
+    let token = l.token.clone();
+    *o = Some(l);
+    Ok(token)
 }
 
 /// The "one daemon per queue file" lock on `<queue file>.daemon.lock`, held exclusively by
@@ -1257,6 +1486,114 @@ mod tests {
             .await
             .unwrap()
             .is_none());
+    }
+
+    /// Rows of an ended claimer are recovered (attempt in doubt, row queued, its lock file
+    /// removed); a live claimer's row (another `Store` in this process holds its lock) and a
+    /// row whose claimer left no lock file are left alone.
+    #[tokio::test]
+    async fn only_the_rows_of_ended_claimers_are_recovered() {
+        let (d, live) = temp_store();
+        let daemon = Store::open(&d.path().join("q.db")).unwrap();
+        async fn insert(s: &Store) -> Result<i64, Error> {
+            s.call(|c| {
+                c.execute("INSERT INTO mail_queue (to_addrs, subject, body_text) VALUES ('a@example.com', 's', 'b')", [])?;
+                Ok(c.last_insert_rowid())
+            })
+            .await
+        }
+        let mine = insert(&live).await.unwrap();
+        let claim = live
+            .claim(SystemTime::now() + Duration::from_secs(1), "x".into())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(claim.id, mine);
+        let token: String = live
+            .call(move |c| {
+                Ok(c.query_row(
+                    "SELECT claimed_by FROM mail_queue WHERE id = ?1",
+                    [mine],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+            .unwrap();
+        assert!(
+            owner_path(&d.path().join("q.db"), &token).exists(),
+            "{token}"
+        );
+        // Two rows left `sending` by claimers that are gone: one left its (unlocked) lock file,
+        // the other none.
+        let dead = insert(&daemon).await.unwrap();
+        let lost = insert(&daemon).await.unwrap();
+        daemon
+            .call(move |c| {
+                c.execute("UPDATE mail_queue SET status = 'sending', attempts = 1, claimed_by = '1-dead' WHERE id = ?1", [dead])?;
+                c.execute("INSERT INTO mail_attempt (mail_id, started_at) VALUES (?1, '2026-01-01T00:00:00.000Z')", [dead])?;
+                c.execute("UPDATE mail_queue SET status = 'sending', attempts = 1, claimed_by = '2-lost' WHERE id = ?1", [lost])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let dead_file = owner_path(&d.path().join("q.db"), "1-dead");
+        std::fs::write(&dead_file, "1\n").unwrap();
+
+        let o = daemon
+            .recover_orphans("in doubt".into(), false)
+            .await
+            .unwrap();
+        assert_eq!(o.recovered, vec![dead]);
+        assert_eq!(o.live, 1);
+        assert_eq!(o.unknown, vec![lost]);
+        assert!(!dead_file.exists());
+        let rows: Vec<(i64, String, Option<String>, Option<String>)> = daemon
+            .call(|c| {
+                let mut st = c.prepare(
+                    "SELECT q.id, q.status, q.error_code, a.outcome FROM mail_queue q
+                     LEFT JOIN mail_attempt a ON a.mail_id = q.id ORDER BY q.id",
+                )?;
+                let v = st
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .collect::<Result<_, _>>()?;
+                Ok(v)
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                (mine, "sending".into(), None, None),
+                (
+                    dead,
+                    "queued".into(),
+                    Some("in_doubt".into()),
+                    Some("in_doubt".into())
+                ),
+                (lost, "sending".into(), None, None),
+            ]
+        );
+        // The live claimer's file stays; once its process (here: its Store) is gone, its row is
+        // recovered too.
+        drop(claim);
+        drop(live);
+        let o = daemon
+            .recover_orphans("in doubt".into(), true)
+            .await
+            .unwrap();
+        assert_eq!(o.recovered, vec![mine]);
+        assert!(!owner_path(&d.path().join("q.db"), &token).exists());
+        let status: String = daemon
+            .call(move |c| {
+                Ok(
+                    c.query_row("SELECT status FROM mail_queue WHERE id = ?1", [mine], |r| {
+                        r.get(0)
+                    })?,
+                )
+            })
+            .await
+            .unwrap();
+        assert_eq!(status, "held");
     }
 
     #[tokio::test]

@@ -12,11 +12,11 @@
 //!
 //! Decisions recorded here:
 //! - an address literal (`user@[127.0.0.1]`) is a valid RFC 5321 address: it is sent as given
-//!   and the server decides (one defect remains: see `an_address_literal_keeps_its_place_in_to`);
+//!   and the server decides, and it keeps its place in To/Cc/Reply-To;
 //! - a bare CR or LF in the body is a line end: written as CRLF (and dot-stuffed) on the wire.
 //!
-//! Open defects are `#[ignore]`d tests at the end (`cargo test --test hostile_rows --
-//! --ignored` shows them failing) until src/message.rs is fixed.
+//! Defects found are tests at the end: regression tests once fixed, `#[ignore]`d while open
+//! (none is open now).
 
 mod support;
 
@@ -706,7 +706,7 @@ fn good_rows_still_go_out_between_hostile_ones() {
 
 // ---------------------------------------------------------------------------------------------
 // Defects found here. Fixed ones stay as regression tests; open ones are `#[ignore]`d
-// (`cargo test --test hostile_rows -- --ignored` shows them failing).
+// (`cargo test --test hostile_rows -- --ignored` shows them failing). None is open.
 // ---------------------------------------------------------------------------------------------
 
 /// RFC 5321 §2.3.8: CR goes on the wire only as part of CRLF. A bare CR in body_text was sent
@@ -746,10 +746,9 @@ fn a_bare_cr_in_the_body_never_reaches_the_wire() {
 
 /// An address literal followed by another address in To is sent to both but named only in
 /// the envelope: lettre re-parses the To header to append to it and its parser rejects
-/// `[127.0.0.1]`, so the first mailbox silently disappears from the header (the same for Cc
-/// and Reply-To).
+/// `[127.0.0.1]`, so the first mailbox silently disappeared from the header (the same for Cc
+/// and Reply-To). Fixed: message.rs writes the address headers itself.
 #[test]
-#[ignore = "defect: an address literal followed by another mailbox is dropped from the header"]
 fn an_address_literal_keeps_its_place_in_to() {
     let server = SmtpServer::start(NO_ARGS);
     let s = Setup::new(server.port);

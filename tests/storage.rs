@@ -1,6 +1,8 @@
 //! Storage trouble (issue 5.6): a full disk makes the daemon back off with a clear log line, mark nothing sent that was not, and recover when the disk is fine again;
 //! a CRM writing 50 rows a second while another connection holds a long read sees no
-//! "database is locked", and neither does the daemon.
+//! "database is locked", and neither does the daemon. Rows left `sending` by another process
+//! that dies while the daemon runs (a killed `test-send`) are recovered by the daemon's
+//! housekeeping, and rows of a live process are not.
 
 mod support;
 
@@ -151,4 +153,174 @@ print("errors", len(errors), errors[:3])
     });
     assert!(d.terminate(LONG).success());
     assert!(!d.stderr().contains("locked"), "{}", d.stderr());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows left `sending` by another process while the daemon runs
+// ---------------------------------------------------------------------------------------------
+
+/// A migrated queue whose daemon runs housekeeping every 100 ms and logs at debug level.
+fn housekeeping_setup(dir: &Path, port: u16, on_doubt: &str) -> (PathBuf, PathBuf) {
+    let db_path = dir.join("queue.db");
+    let text = base_config(&db_path, port)
+        .replace(
+            "[queue]\n",
+            &format!("[queue]\nhousekeeping_interval = \"100ms\"\non_doubt = \"{on_doubt}\"\n"),
+        )
+        .replace("level = \"info\"", "level = \"debug\"");
+    let cfg = write_config(dir, &text);
+    migrate(&cfg);
+    (db_path, cfg)
+}
+
+/// The test mail's row (`test-send` inserts it already claimed, with `max_attempts` 1).
+fn test_mail_id(db: &Db) -> Option<i64> {
+    db.rows("SELECT id FROM mail_queue WHERE max_attempts = 1")
+        .first()
+        .and_then(|r| r["id"].as_i64())
+}
+
+/// The housekeeping rounds that found a row claimed by a live process.
+fn rounds_with_a_live_claimer(d: &Daemon) -> usize {
+    d.stderr()
+        .lines()
+        .filter(|l| {
+            l.contains("Checked the rows other processes are sending") && l.contains("live=1")
+        })
+        .count()
+}
+
+/// `test-send` is aborted (failpoint `crash-after-reply`: after the server accepted the mail,
+/// before the outcome is written) while the daemon runs. Its row used to stay `sending` until
+/// the daemon restarted; now the daemon's housekeeping finds that the claimer's lock is free
+/// and settles the row as start-up recovery does: the attempt `in_doubt`, the row queued again,
+/// and the daemon sends it once more with the same Message-ID.
+#[test]
+fn a_row_left_sending_by_a_killed_test_send_is_recovered_while_the_daemon_runs() {
+    let sink = SmtpSink::start(NO_ARGS);
+    let dir = tempfile::tempdir().unwrap();
+    let (db_path, cfg) = housekeeping_setup(dir.path(), sink.port, "resend");
+    let db = Db::open(&db_path);
+    let d = Daemon::spawn(&cfg, &["run"]);
+    wait_for_stderr(&d, "Ready");
+
+    let out = Command::new(mailqueue_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .args(["test-send", "--to", "admin@example.org"])
+        .env("MAILQUEUE_FAILPOINT", "crash-after-reply")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("failpoint crash-after-reply"),
+        "test-send should have been aborted at the failpoint: {}\n{stderr}",
+        out.status
+    );
+    assert_eq!(
+        sink.wait_for_messages(1, LONG).len(),
+        1,
+        "the server got it"
+    );
+    let id = test_mail_id(&db).expect("the test mail's row");
+    let claimed_by: Option<String> = db
+        .rows_with("SELECT claimed_by FROM mail_queue WHERE id = ?1", [id])[0]["claimed_by"]
+        .as_str()
+        .map(str::to_string);
+    let claimed_by = claimed_by.expect("the claim names its process");
+
+    // Await the daemon's housekeeping (every 100 ms), not a fixed time. With the default
+    // `on_doubt = "resend"` the daemon then sends it once more, with the same Message-ID.
+    let row = db.wait_for_status(id, "sent", LONG);
+    let attempts = db.rows_with(
+        "SELECT outcome, error_code, error_text FROM mail_attempt WHERE mail_id = ?1 ORDER BY id",
+        [id],
+    );
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0]["outcome"], "in_doubt", "{attempts:?}");
+    assert_eq!(attempts[0]["error_code"], "in_doubt", "{attempts:?}");
+    assert!(
+        attempts[0]["error_text"]
+            .as_str()
+            .unwrap()
+            .contains("stopped during the delivery"),
+        "{attempts:?}"
+    );
+    assert_eq!(attempts[1]["outcome"], "sent", "{attempts:?}");
+    assert_ne!(
+        row["claimed_by"].as_str(),
+        Some(claimed_by.as_str()),
+        "the daemon claimed it the second time: {row}"
+    );
+    let msgid = row["message_id"].as_str().unwrap().to_string();
+    let copies = sink.wait_for_messages(2, LONG);
+    assert_eq!(copies.len(), 2);
+    for m in &copies {
+        assert!(
+            String::from_utf8_lossy(&m.message).contains(&msgid),
+            "each copy carries {msgid}"
+        );
+    }
+    assert!(
+        d.stderr()
+            .contains("Rows left 'sending' by a mailqueue process that has ended"),
+        "{}",
+        d.stderr()
+    );
+    // Its lock file is cleaned up with it.
+    let lock = dir.path().join(format!("queue.db.owner-{claimed_by}.lock"));
+    wait_until(LONG, "the ended process's lock file to go", || {
+        (!lock.exists()).then_some(())
+    });
+}
+
+/// A `test-send` stuck waiting for the server (smtp-sink delays its answer to DATA) is alive:
+/// round after round, the daemon's housekeeping sees its row and leaves it `sending`, attempt
+/// open. Once it is SIGKILLed, the same daemon recovers the row (held: `on_doubt = "hold"`),
+/// so the rounds before really looked at it.
+#[test]
+fn a_row_claimed_by_a_live_process_is_left_alone() {
+    let sink = SmtpSink::start(&["-w", "60"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (db_path, cfg) = housekeeping_setup(dir.path(), sink.port, "hold");
+    let db = Db::open(&db_path);
+    let d = Daemon::spawn(&cfg, &["run"]);
+    wait_for_stderr(&d, "Ready");
+
+    let mut sender = Daemon::spawn(&cfg, &["test-send", "--to", "admin@example.org"]);
+    let id = wait_until(LONG, "the test mail to be claimed", || {
+        test_mail_id(&db).filter(|id| db.status(*id) == "sending")
+    });
+    let before = rounds_with_a_live_claimer(&d);
+    wait_until(
+        LONG,
+        "three housekeeping rounds that saw the live claimer",
+        || {
+            assert_eq!(
+                db.status(id),
+                "sending",
+                "a live process's row was touched:\n{}",
+                d.stderr()
+            );
+            (rounds_with_a_live_claimer(&d) >= before + 3).then_some(())
+        },
+    );
+    assert_eq!(db.status(id), "sending", "a live process's row was touched");
+    let open: i64 = db.query_one(&format!(
+        "SELECT count(*) FROM mail_attempt WHERE mail_id = {id} AND finished_at IS NULL"
+    ));
+    assert_eq!(open, 1, "its attempt is still open");
+    assert!(
+        sender.child.try_wait().unwrap().is_none(),
+        "test-send is still waiting for the server: {}",
+        sender.stdout()
+    );
+
+    sender.child.kill().unwrap(); // SIGKILL
+    sender.child.wait().unwrap();
+    let row = db.wait_for_status(id, "held", LONG);
+    assert_eq!(row["error_code"], "in_doubt", "{row}");
+    let attempts = db.rows_with("SELECT outcome FROM mail_attempt WHERE mail_id = ?1", [id]);
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0]["outcome"], "in_doubt", "{attempts:?}");
 }
