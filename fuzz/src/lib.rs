@@ -177,24 +177,11 @@ pub fn check_row_error(e: &Error) {
     for lang in [Lang::En, Lang::Ja] {
         let t = e.text(lang);
         assert!(!t.is_empty(), "empty error text for {e:?}");
-        if known_defect_raw_file_name(e) {
-            continue;
-        }
         assert!(
             !t.chars().any(|c| c.is_control()),
             "error text with a control character (a second log line?): {t:?}"
         );
     }
-}
-
-/// KNOWN DEFECT (reported, see `attachment_errors_are_one_line` in tests/proptest_builders.rs):
-/// `message::load_attachments` writes the raw file name into the error that refuses it for its
-/// control characters, so `last_error` and the log line carry the file name's CR/LF/NUL. Left
-/// out of the one-line check here, so the fuzzer looks for everything else.
-pub fn known_defect_raw_file_name(e: &Error) -> bool {
-    matches!(e, Error::InvalidRow { detail }
-        if detail.starts_with("attachment ")
-            && detail.ends_with("file_name is empty or has control characters"))
 }
 
 /// The header block of a composed mail, up to and including the CRLF that ends its last field
@@ -355,25 +342,9 @@ pub fn check_parse_list(value: &str) {
     }
 }
 
-/// KNOWN DEFECT (reported, see `a_non_ascii_header_name_fails_the_row_not_the_daemon` in
-/// tests/hostile_rows.rs): `message::extra_headers` slices a header name at byte 2, which
-/// panics when that is inside a character (`aé: v`). Rows that would reach it are skipped, so
-/// the fuzzer looks for everything else.
-pub fn known_defect_header_name_panics(headers: Option<&str>) -> bool {
-    headers.into_iter().flat_map(|h| h.split('\n')).any(|l| {
-        l.split_once(':').is_some_and(|(name, _)| {
-            let name = name.trim();
-            name.len() > 2 && !name.is_char_boundary(2)
-        })
-    })
-}
-
 /// Builds the row as the scheduler does (`compose_full` with its extras), in each charset
 /// (UTF-8 also with a tight size limit), and checks the result or the error.
 pub fn compose_row(row: &Row) {
-    if known_defect_header_name_panics(row.headers.as_deref()) {
-        return;
-    }
     let claim = row.claim();
     let s = sender();
     let extras = match row.extras() {
