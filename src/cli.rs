@@ -298,7 +298,21 @@ async fn run(path: &Path, once: bool, no_lock: bool) -> Result<i32, Error> {
         )
     };
     let (lock, exclusive) = take_lock(&cfg.queue.database).await?;
-    recover(&store, &cfg, exclusive).await?;
+    // A queue file this process may not write does not stop the daemon: under systemd an exit
+    // would be restarted in a loop until the start limit gives up, while a daemon that waits
+    // says why at every back-off step and goes on by itself once the admin fixes the file.
+    if let Err(e) = store.check_writable().await {
+        tracing::error!(error = %e.text(Lang::En),
+            "The queue file is read-only for this process: nothing is claimed or sent until it is writable; mailqueue starts anyway and keeps trying.");
+    }
+    match recover(&store, &cfg, exclusive).await {
+        Ok(()) => {}
+        Err(e) if e.storage().is_some() => {
+            tracing::error!(error = %e.text(Lang::En),
+                "Cannot recover the rows a previous run left 'sending' yet; once the queue file is writable, housekeeping recovers those whose lock file is left, the others wait for the next start.");
+        }
+        Err(e) => return Err(e),
+    }
     lock.downgrade()?;
     if let Some(addr) = cfg.metrics_listen {
         telemetry::init_metrics(addr).map_err(|e| Error::Config {

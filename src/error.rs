@@ -266,7 +266,12 @@ pub enum Error {
     Config { problems: Vec<String> },
     /// The queue database could not be opened, migrated or written.
     #[error("database")]
-    Database { detail: String },
+    Database {
+        /// SQLite's text (with the file's name when the store adds it).
+        detail: String,
+        /// Trouble with the file or the disk under it, if that is what it was.
+        storage: Option<Storage>,
+    },
     /// Something the command line asked for is not possible (unknown id, wrong status).
     #[error("usage")]
     Usage { detail: String },
@@ -596,11 +601,18 @@ impl Error {
                 };
                 format!("{head}: {}", problems.join("; "))
             }
-            Error::Database { detail } => {
+            Error::Database { detail, storage } => {
+                let hint = match (storage, ja) {
+                    (Some(Storage::ReadOnly), false) => "; the queue file is read-only for this process: give the mailqueue user write access to it and its -wal/-shm files (docs/operations.md, Repairing owners and modes); mailqueue tries again by itself",
+                    (Some(Storage::ReadOnly), true) => "。キューのファイルにこのプロセスから書き込めません: mailqueue ユーザーに、このファイルと -wal/-shm ファイルへの書き込み権限を与えてください (docs/operations.md の Repairing owners and modes)。mailqueue は自動で再試行します",
+                    (Some(Storage::Full), false) => "; the disk is full: free some space; mailqueue tries again by itself",
+                    (Some(Storage::Full), true) => "。ディスクがいっぱいです: 空き容量を作ってください。mailqueue は自動で再試行します",
+                    _ => "",
+                };
                 if ja {
-                    format!("キューのデータベースエラー ({detail})")
+                    format!("キューのデータベースエラー ({detail}){hint}")
                 } else {
-                    format!("queue database error ({detail})")
+                    format!("queue database error ({detail}){hint}")
                 }
             }
             Error::Usage { detail } => detail.clone(),
@@ -611,13 +623,57 @@ impl Error {
     pub fn db(e: impl fmt::Display) -> Error {
         Error::Database {
             detail: e.to_string(),
+            storage: None,
         }
+    }
+
+    /// The storage trouble behind a database error, if that is what it is.
+    pub fn storage(&self) -> Option<Storage> {
+        match self {
+            Error::Database { storage, .. } => *storage,
+            _ => None,
+        }
+    }
+}
+
+/// Trouble with the queue file or the disk under it (not with the SQL): the daemon backs off
+/// and tries again, and the store opens its connection afresh before the next try when the
+/// old one cannot recover by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// SQLITE_READONLY: the file (or its -wal/-shm) is not writable by this process; a
+    /// connection opened then stays read-only until it is opened again.
+    ReadOnly,
+    /// SQLITE_FULL: the disk (or the file system's quota) is full.
+    Full,
+    /// SQLITE_IOERR: the operating system reported an I/O error.
+    Io,
+    /// SQLITE_CANTOPEN: the file, its -wal/-shm or a temporary file cannot be opened.
+    CantOpen,
+}
+
+impl Storage {
+    /// Whether the connection must be opened again before the next try (SQLite keeps a file
+    /// it opened read-only that way, and after an I/O error a fresh start is the safe one).
+    pub fn needs_reopen(self) -> bool {
+        !matches!(self, Storage::Full)
     }
 }
 
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
-        Error::db(e)
+        use rusqlite::ErrorCode as C;
+        let storage = match e.sqlite_error_code() {
+            Some(C::ReadOnly) => Some(Storage::ReadOnly),
+            Some(C::DiskFull) => Some(Storage::Full),
+            Some(C::SystemIoFailure) => Some(Storage::Io),
+            Some(C::CannotOpen) => Some(Storage::CantOpen),
+            _ => None,
+        };
+        Error::Database {
+            detail: e.to_string(),
+            storage,
+        }
     }
 }
 

@@ -313,7 +313,9 @@ pub struct Summary {
 pub struct Store {
     /// The connection. A mutex, not a pool: the daemon's writes are serial by design, and a
     /// second connection in the same process would only contend for SQLite's write lock.
-    conn: Arc<Mutex<Connection>>,
+    /// `None` after storage trouble that the connection cannot recover from by itself (a file
+    /// opened read-only stays read-only): the next call opens it again.
+    conn: Arc<Mutex<Option<Connection>>>,
     /// The file, for messages.
     path: PathBuf,
     /// This process's [`OwnerLock`], taken before its first claim and held for its life.
@@ -322,6 +324,46 @@ pub struct Store {
 
 fn now_ts() -> String {
     ts(SystemTime::now())
+}
+
+/// The settings every connection gets: the busy timeout, WAL, `synchronous`, foreign keys.
+fn configure(conn: &Connection, path: &Path) -> Result<(), Error> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::db(format!(
+            "{} cannot use WAL mode (got {mode})",
+            path.display()
+        )));
+    }
+    // NORMAL in WAL mode: a power loss may forget the last outcomes, which makes a mail
+    // sent again (a duplicate), never lost. See docs/queue-table.md.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+/// Opens the (already migrated) queue file again after storage trouble.
+fn reconnect(path: &Path) -> Result<Connection, Error> {
+    let conn = Connection::open(path)?;
+    configure(&conn, path)?;
+    tracing::debug!(database = %path.display(), "Opened the queue database again.");
+    Ok(conn)
+}
+
+/// Names the queue file in a storage error ("attempt to write a readonly database" alone does
+/// not say which file).
+fn with_file(e: Error, path: &Path) -> Error {
+    match e {
+        Error::Database {
+            detail,
+            storage: Some(s),
+        } if !detail.contains(&*path.to_string_lossy()) => Error::Database {
+            detail: format!("{}: {detail}", path.display()),
+            storage: Some(s),
+        },
+        e => e,
+    }
 }
 
 /// The `WHERE` clause of a due row, always read through the partial index `mail_queue_waiting`
@@ -353,27 +395,16 @@ impl Store {
                 path.display()
             )],
         })?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(Error::db(format!(
-                "{} cannot use WAL mode (got {mode})",
-                path.display()
-            )));
-        }
-        // NORMAL in WAL mode: a power loss may forget the last outcomes, which makes a mail
-        // sent again (a duplicate), never lost. See docs/queue-table.md.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
+        configure(&conn, path).map_err(|e| with_file(e, path))?;
         // A new file reclaims the pages of purged rows a little at a time (housekeeping runs
         // `incremental_vacuum`); this can only be chosen before the first table exists.
         let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?;
         if tables == 0 {
             conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         }
-        migrate(&mut conn, path)?;
+        migrate(&mut conn, path).map_err(|e| with_file(e, path))?;
         Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Arc::new(Mutex::new(Some(conn))),
             path: path.to_path_buf(),
             owner: Arc::new(Mutex::new(None)),
         })
@@ -385,18 +416,50 @@ impl Store {
     }
 
     /// Runs `f` on the connection in tokio's blocking pool, never on a runtime thread.
+    ///
+    /// Storage trouble (a read-only file, an I/O error, a file that cannot be opened) closes
+    /// the connection, and the next call opens it afresh, so the daemon recovers when the admin
+    /// fixes the file, without a restart; the error names the file.
     pub async fn call<T, F>(&self, f: F) -> Result<T, Error>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static,
     {
-        let conn = self.conn.clone();
+        let (conn, path) = (self.conn.clone(), self.path.clone());
         tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut c)
+            let mut slot = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let c = match &mut *slot {
+                Some(c) => c,
+                None => slot.insert(reconnect(&path).map_err(|e| with_file(e, &path))?),
+            };
+            let r = f(c).map_err(|e| with_file(e, &path));
+            if let Err(e) = &r {
+                if e.storage().is_some_and(|s| s.needs_reopen()) {
+                    tracing::debug!(database = %path.display(), "Closing the queue database connection after storage trouble; the next try opens it again.");
+                    // Closed before the next open: SQLite shares one -shm mapping per file in a
+                    // process, and a read-only one must go for a writable one to come.
+                    *slot = None;
+                }
+            }
+            r
         })
         .await
         .map_err(|e| Error::db(format!("database task failed: {e}")))?
+    }
+
+    /// Whether this process can write the queue file (SQLite opens a file it may not write
+    /// read-only, and every write then fails): `Err` with the read-only error if not.
+    pub async fn check_writable(&self) -> Result<(), Error> {
+        self.call(|c| {
+            if c.is_readonly(rusqlite::MAIN_DB)? {
+                return Err(Error::Database {
+                    detail: "attempt to write a readonly database".into(),
+                    storage: Some(crate::error::Storage::ReadOnly),
+                });
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Puts rows left in `sending` by a crash back to `queued`, due now; their open attempt is

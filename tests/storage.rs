@@ -7,17 +7,23 @@
 mod support;
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
 
 const LONG: Duration = Duration::from_secs(40);
 
-// A read-only file cannot be staged the same way: remounting read-only is refused while the
-// daemon holds the file open for writing, and root ignores file modes. A write error of any
-// kind takes the same path as a full disk (the claim or the outcome write fails and is retried).
+// A read-only queue file is staged with file modes: the daemon runs as `nobody` (these tests run
+// as root, and root ignores modes) in a directory it may write (its lock files live next to the
+// queue), while the queue file is root's, 0644. SQLite then opens it read-only and every write
+// fails with "attempt to write a readonly database". Remounting read-only is no way to stage
+// it: the kernel refuses while the daemon holds the file open for writing. Nor can a file
+// become read-only under a running daemon: modes are checked when a file is opened, and the
+// daemon keeps its connection open, so a chmod or chown changes nothing until it opens the file
+// again (which it does after storage trouble). `a_file_made_read_only_while_running_…` checks that.
 
 /// A small tmpfs of our own (these tests run as root), unmounted on drop.
 struct SmallDisk {
@@ -323,4 +329,149 @@ fn a_row_claimed_by_a_live_process_is_left_alone() {
     let attempts = db.rows_with("SELECT outcome FROM mail_attempt WHERE mail_id = ?1", [id]);
     assert_eq!(attempts.len(), 1, "{attempts:?}");
     assert_eq!(attempts[0]["outcome"], "in_doubt", "{attempts:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A read-only queue file
+// ---------------------------------------------------------------------------------------------
+
+/// The unprivileged user the daemon runs as in these tests.
+const NOBODY: u32 = 65534;
+
+/// A queue in a directory `nobody` may write, the queue file itself root's and 0644, the
+/// config readable by all.
+fn read_only_setup(dir: &Path, port: u16) -> (PathBuf, PathBuf) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let db = dir.join("queue.db");
+    let cfg = write_config(dir, &base_config(&db, port));
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    migrate(&cfg);
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    (db, cfg)
+}
+
+/// `mailqueue run` as `nobody`, no supplementary groups (util-linux `setpriv` execs it, so the
+/// pid is the daemon's).
+fn run_as_nobody(cfg: &Path) -> Daemon {
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .arg("--clear-groups")
+        .arg(mailqueue_bin())
+        .arg("--config")
+        .arg(cfg)
+        .arg("run")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null());
+    Daemon::from_command(cmd)
+}
+
+/// Gives the queue file and its -wal/-shm to `owner`, as docs/operations.md's repair does.
+fn chown_queue(db: &Path, owner: u32) {
+    for suffix in ["", "-wal", "-shm"] {
+        let p = PathBuf::from(format!("{}{suffix}", db.display()));
+        if p.exists() {
+            std::os::unix::fs::chown(&p, Some(owner), Some(owner)).unwrap();
+        }
+    }
+}
+
+/// The `retry_in_ms` of each "Cannot claim a row" line, in order.
+fn claim_backoffs(d: &Daemon) -> Vec<u64> {
+    d.stderr()
+        .lines()
+        .filter(|l| l.contains("Cannot claim a row from the queue database"))
+        .map(|l| {
+            let v = l.split("retry_in_ms=").nth(1).expect(l);
+            v.trim().parse().expect(l)
+        })
+        .collect()
+}
+
+/// Asserts that nothing was delivered or claimed: every row `queued` with no attempt, nothing
+/// at the sink.
+fn assert_untouched(db: &Db, ids: &[i64], sink: &SmtpSink, d: &Daemon) {
+    for id in ids {
+        let row = db.row(*id);
+        assert_eq!(row["status"], "queued", "{row}\n{}", d.stderr());
+        assert_eq!(row["attempts"], 0, "{row}");
+    }
+    let attempts: i64 = db.query_one("SELECT count(*) FROM mail_attempt");
+    assert_eq!(attempts, 0, "no attempt was recorded");
+    assert_eq!(sink.messages().len(), 0, "nothing reached the server");
+}
+
+/// The queue file is read-only for the daemon from the start: it starts anyway, says at start
+/// and at every back-off step (growing, not a flood) that the file is read-only and how to fix
+/// it, claims and sends nothing; once the file is given to its user, the same process delivers
+/// every row, each once.
+#[test]
+fn a_read_only_queue_file_backs_off_and_recovers_when_it_is_made_writable() {
+    let sink = SmtpSink::start(NO_ARGS);
+    let dir = tempfile::tempdir().unwrap();
+    let (db_path, cfg) = read_only_setup(dir.path(), sink.port);
+    let db = Db::open(&db_path);
+    let ids: Vec<i64> = (0..3)
+        .map(|i| db.insert("a@example.com", &format!("ro{i}"), "x"))
+        .collect();
+    let mut d = run_as_nobody(&cfg);
+    wait_for_stderr(&d, "The queue file is read-only for this process");
+    wait_until(LONG, "three back-off steps", || {
+        (claim_backoffs(&d).len() >= 3).then_some(())
+    });
+    let log = d.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("Cannot claim a row"))
+        .unwrap();
+    for needle in [
+        "attempt to write a readonly database",
+        &db_path.display().to_string(),
+        "give the mailqueue user write access",
+        "trying again",
+    ] {
+        assert!(line.contains(needle), "{needle:?} missing in: {line}");
+    }
+    let steps = claim_backoffs(&d);
+    assert!(
+        steps.windows(2).all(|w| w[1] > w[0]),
+        "each step waits longer than the one before: {steps:?}"
+    );
+    assert_untouched(&db, &ids, &sink, &d);
+
+    chown_queue(&db_path, NOBODY);
+    for id in &ids {
+        db.wait_for_status(*id, "sent", LONG);
+    }
+    assert_eq!(sink.wait_for_messages(3, LONG).len(), 3, "each mail once");
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the same daemon delivered them"
+    );
+    assert_eq!(d.stderr().matches("mailqueue started.").count(), 1);
+    assert!(d.terminate(LONG).success(), "{}", d.stderr());
+    assert_eq!(sink.messages().len(), 3, "each mail once");
+}
+
+/// What a chown while the daemon runs really does: nothing. Modes are checked when a file is
+/// opened, and the daemon keeps its connection (and the -wal/-shm) open, so it keeps delivering
+/// through it; only storage trouble makes it open the file again, and that case is the one
+/// above. (Were it to reopen the file on every call, this mail would wait.)
+#[test]
+fn a_file_made_read_only_while_running_keeps_working_through_the_open_connection() {
+    let sink = SmtpSink::start(NO_ARGS);
+    let dir = tempfile::tempdir().unwrap();
+    let (db_path, cfg) = read_only_setup(dir.path(), sink.port);
+    chown_queue(&db_path, NOBODY);
+    let db = Db::open(&db_path);
+    let first = db.insert("a@example.com", "before", "x");
+    let mut d = run_as_nobody(&cfg);
+    db.wait_for_status(first, "sent", LONG);
+    chown_queue(&db_path, 0);
+    let second = db.insert("a@example.com", "after", "x");
+    db.wait_for_status(second, "sent", LONG);
+    assert_eq!(sink.wait_for_messages(2, LONG).len(), 2);
+    assert!(!d.stderr().contains("readonly"), "{}", d.stderr());
+    assert!(d.terminate(LONG).success(), "{}", d.stderr());
 }
