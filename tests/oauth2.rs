@@ -644,3 +644,46 @@ fn the_token_endpoint_over_tls_is_checked_against_ca_file() {
         "the refresh token never left"
     );
 }
+
+/// `password_command` with `auth_mechanism = "xoauth2"` (a token from elsewhere): the command's
+/// token goes into the XOAUTH2 string, Gmail's failure sequence for a stale one is answered with
+/// an empty line and reported as the 535; with a current token the mail goes out.
+#[test]
+fn xoauth2_with_a_token_from_password_command() {
+    let p = provider(false, 3600);
+    p.lock().unwrap().valid.insert("ya29.good".into());
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("queue.db");
+    let text = base_config(&db_path, smtp_server(p.clone())).replace(
+        "auth = false",
+        &format!("auth = true\nuser = \"{USER}\"\npassword_command = \"echo ya29.stale\"\nauth_mechanism = \"xoauth2\""),
+    );
+    let config = write_config(dir.path(), &text);
+    migrate(&config);
+    let db = Db::open(&db_path);
+    let id = db.insert("a@example.com", "m", "x");
+    assert!(run_mailqueue(&config, &["run", "--once"]).status.success());
+    let row = db.row(id);
+    assert_eq!(row["error_code"], "auth_failed", "{row}");
+    assert!(
+        row["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("535 5.7.8 Username and Password not accepted."),
+        "{row}"
+    );
+    assert_eq!(
+        smtp_log(&p),
+        vec!["AUTH ya29.stale 334 \"\\r\\n\" 535"],
+        "the client answered the challenge with an empty line, once"
+    );
+    // With the current token it goes through (after `resume` lifts the pause).
+    std::fs::write(&config, text.replace("ya29.stale", "ya29.good")).unwrap();
+    assert!(run_mailqueue(&config, &["resume"]).status.success());
+    assert!(run_mailqueue(&config, &["run", "--once"]).status.success());
+    assert_eq!(db.status(id), "sent", "{}", db.row(id));
+    assert!(
+        p.lock().unwrap().requests.is_empty(),
+        "no token endpoint involved"
+    );
+}

@@ -1,12 +1,10 @@
-//! Real-world account setups (issue 7, first part): a password from a command, a chosen AUTH
-//! mechanism, XOAUTH2 with Gmail's failure sequence, and a staging redirect.
+//! Real-world account setups (issue 7): a password from a command, a chosen AUTH mechanism, a
+//! staging redirect, ISO-2022-JP, attachments and thread headers. XOAUTH2 (with a token from a
+//! command or from `[smtp.oauth2]`) is in tests/oauth2.rs.
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
 use mail_parser::MimeHeaders;
 use support::*;
@@ -167,110 +165,6 @@ fn auth_mechanism_login_is_used_when_configured() {
         log.contains("AUTH LOGIN") && !log.contains("AUTH PLAIN"),
         "{log}"
     );
-}
-
-/// A server that takes XOAUTH2 only with the current token and answers a stale one the way
-/// Gmail does: `334 <base64 JSON>`, then — after the client's empty line — 535.
-fn xoauth2_server(good_token: &'static str) -> (u16, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        for sock in listener.incoming() {
-            let Ok(sock) = sock else { return };
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut w = sock.try_clone().unwrap();
-                let mut r = BufReader::new(sock);
-                let mut say = |s: &str| w.write_all(s.as_bytes()).unwrap();
-                say("220 fake.gmail ESMTP\r\n");
-                let mut line = String::new();
-                while {
-                    line.clear();
-                    r.read_line(&mut line).unwrap_or(0) > 0
-                } {
-                    let cmd = line.trim_end().to_string();
-                    log.lock().unwrap().push(cmd.clone());
-                    let upper = cmd.to_ascii_uppercase();
-                    if upper.starts_with("EHLO") {
-                        say("250-fake.gmail\r\n250-AUTH LOGIN PLAIN XOAUTH2\r\n250 8BITMIME\r\n");
-                    } else if let Some(b64) = cmd.strip_prefix("AUTH XOAUTH2 ") {
-                        use base64::Engine;
-                        let raw = base64::engine::general_purpose::STANDARD
-                            .decode(b64)
-                            .unwrap();
-                        let text = String::from_utf8(raw).unwrap();
-                        if text
-                            == format!("user=crm@example.com\x01auth=Bearer {good_token}\x01\x01")
-                        {
-                            say("235 2.7.0 Accepted\r\n");
-                        } else {
-                            say("334 eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIn0=\r\n");
-                            line.clear();
-                            r.read_line(&mut line).unwrap();
-                            log.lock().unwrap().push(format!("after 334: {:?}", line));
-                            say("535-5.7.8 Username and Password not accepted.\r\n535 5.7.8 https://support.google.com/mail/?p=BadCredentials\r\n");
-                        }
-                    } else if upper.starts_with("DATA") {
-                        say("354 go ahead\r\n");
-                        let mut body = Vec::new();
-                        loop {
-                            let mut l = Vec::new();
-                            r.by_ref().read_until(b'\n', &mut l).unwrap();
-                            if l == b".\r\n" || l.is_empty() {
-                                break;
-                            }
-                            body.extend(l);
-                        }
-                        say("250 2.0.0 OK queued\r\n");
-                    } else if upper.starts_with("QUIT") {
-                        say("221 bye\r\n");
-                        return;
-                    } else {
-                        say("250 OK\r\n");
-                    }
-                }
-            });
-        }
-    });
-    (port, seen)
-}
-
-#[test]
-fn xoauth2_with_gmails_failure_sequence() {
-    let (port, seen) = xoauth2_server("ya29.good");
-    let s = setup(port, |t| {
-        t.replace("auth = false", "auth = true\nuser = \"crm@example.com\"\npassword_command = \"echo ya29.stale\"\nauth_mechanism = \"xoauth2\"")
-    });
-    let db = Db::open(&s.db_path);
-    let id = db.insert("a@example.com", "m", "x");
-    once(&s);
-    let row = db.row(id);
-    assert_eq!(row["error_code"], "auth_failed", "{row}");
-    assert!(
-        row["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("535 5.7.8 Username and Password not accepted."),
-        "{row}"
-    );
-    assert!(
-        seen.lock()
-            .unwrap()
-            .iter()
-            .any(|l| l == "after 334: \"\\r\\n\""),
-        "the client answered the challenge with an empty line: {:?}",
-        seen.lock().unwrap()
-    );
-    // With the current token it goes through (and, after a pause, `resume` lets it).
-    let t = std::fs::read_to_string(&s.config)
-        .unwrap()
-        .replace("ya29.stale", "ya29.good");
-    std::fs::write(&s.config, t).unwrap();
-    assert!(run_mailqueue(&s.config, &["resume"]).status.success());
-    once(&s);
-    assert_eq!(db.status(id), "sent", "{}", db.row(id));
 }
 
 #[test]
