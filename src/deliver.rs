@@ -998,6 +998,16 @@ impl Deliverer {
         let _ = tokio::time::timeout(self.cfg.smtp.timeout, s.conn.command(Quit)).await;
     }
 
+    /// How long until the kept connection reaches `idle_timeout` (`None`: no connection).
+    pub fn idle_left(&self) -> Option<Duration> {
+        self.session.as_ref().map(|s| {
+            self.cfg
+                .smtp
+                .idle_timeout
+                .saturating_sub(s.last_used.elapsed())
+        })
+    }
+
     /// Closes the kept connection if it has been idle for `idle_timeout`.
     pub async fn close_if_idle(&mut self) {
         if self
