@@ -75,6 +75,9 @@ pub struct Deliverer {
     /// A failure `prepare` met, reported by the next `send` instead of trying again at once
     /// (a wrong password must not be tried twice per mail: providers lock accounts for that).
     prepared: Option<(Instant, Failure)>,
+    /// When the server last answered a MAIL FROM (or the command ended without an answer):
+    /// the latest moment it can have received it, for the pace.
+    mail_from_at: Option<Instant>,
 }
 
 /// The opening of a session (greeting, EHLO, STARTTLS), read byte by byte so nothing is ever
@@ -411,6 +414,7 @@ impl Deliverer {
             progress: None,
             pop_login: None,
             prepared: None,
+            mail_from_at: None,
         })
     }
 
@@ -732,6 +736,12 @@ impl Deliverer {
         report
     }
 
+    /// When the server answered the last MAIL FROM `send` made, if it made one (taken: the
+    /// next call says `None` until another is sent). The pace counts from this moment.
+    pub fn take_mail_from_at(&mut self) -> Option<Instant> {
+        self.mail_from_at.take()
+    }
+
     /// Opens the session (and does the POP login) ahead of the pace wait, so the pace decides
     /// when mails are handed over, not when connections happen to be made. A failure here is
     /// not reported: `send` connects again and reports what it sees.
@@ -848,6 +858,7 @@ impl Deliverer {
             session.conn.command(Mail::new(Some(from.clone()), params)),
         )
         .await;
+        self.mail_from_at = Some(Instant::now());
         let r = match r {
             Ok(resp) if resp.code().severity != Severity::PositiveCompletion => Err(Failure {
                 stage: Stage::MailFrom,

@@ -47,6 +47,9 @@ use crate::watch::{Mark, Watch};
 /// Added to every heartbeat promise: the time to get from one promise to the next.
 const HEARTBEAT_SLACK: Duration = Duration::from_secs(2);
 
+/// The end of a pace wait shorter than this is slept precisely (see [`Worker::wait_for_pace`]).
+const FINE_WAIT: Duration = Duration::from_millis(2);
+
 /// How a finished attempt ended, for the caller (`test-send` prints it).
 #[derive(Debug, Clone)]
 pub struct Finished {
@@ -206,8 +209,15 @@ impl Worker {
                 Ok(()) => return true,
                 Err(wait) => {
                     self.heartbeat.promise(wait + HEARTBEAT_SLACK);
-                    if !shutdown.sleep(wait).await {
-                        return false;
+                    // tokio's timer ticks in milliseconds and fires up to a tick late, which
+                    // would add ~1 ms to every gap; the last stretch is slept on a blocking
+                    // thread instead (accurate to tens of microseconds).
+                    if wait > FINE_WAIT {
+                        if !shutdown.sleep(wait - FINE_WAIT).await {
+                            return false;
+                        }
+                    } else {
+                        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(wait)).await;
                     }
                 }
             }
@@ -394,10 +404,18 @@ impl Worker {
             }
             paced_at = Some(SystemTime::now());
             self.heartbeat.promise(self.attempt_budget(addrs.len()));
+            self.deliverer.take_mail_from_at();
             let report = self
                 .deliverer
                 .send(&self.cfg.sender.envelope_from, &addrs, &composed.bytes)
                 .await;
+            // The pace counts from the server's answer to MAIL FROM (the latest moment it can
+            // have seen it), and so does the send time kept for a restart.
+            if let Some(at) = self.deliverer.take_mail_from_at() {
+                let ago = at.elapsed();
+                self.pacer.handed_over(ago);
+                paced_at = SystemTime::now().checked_sub(ago).or(paced_at);
+            }
             crate::failpoint::crash("crash-after-reply");
             let reply = report.end.as_ref().ok().cloned();
             (policy::judge(&report), reply)

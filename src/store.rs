@@ -232,8 +232,9 @@ pub struct Record {
     pub pause: Option<(Duration, PauseLevel)>,
     /// The attempt proved the account works: lift a pause.
     pub resume: bool,
-    /// When the message was handed over (the pace's moment), replacing the claim time as the
-    /// attempt's `started_at`, which the pace is rebuilt from after a restart.
+    /// When the message was handed over (the server's answer to MAIL FROM, else the pace's
+    /// moment), replacing the claim time as the attempt's `started_at`, which the pace is
+    /// rebuilt from after a restart.
     pub started_at: Option<SystemTime>,
 }
 
