@@ -78,6 +78,9 @@ pub struct Deliverer {
     /// `[smtp.oauth2]`: where XOAUTH2's access tokens come from, with their cache (rebuilt on
     /// reload, like the rest).
     oauth: Option<std::sync::Arc<crate::oauth::TokenSource>>,
+    /// When the server last answered a MAIL FROM (or the command ended without an answer):
+    /// the latest moment it can have received it, for the pace.
+    mail_from_at: Option<Instant>,
 }
 
 /// The opening of a session (greeting, EHLO, STARTTLS), read byte by byte so nothing is ever
@@ -422,6 +425,7 @@ impl Deliverer {
             progress: None,
             pop_login: None,
             prepared: None,
+            mail_from_at: None,
         })
     }
 
@@ -794,6 +798,12 @@ impl Deliverer {
         report
     }
 
+    /// When the server answered the last MAIL FROM `send` made, if it made one (taken: the
+    /// next call says `None` until another is sent). The pace counts from this moment.
+    pub fn take_mail_from_at(&mut self) -> Option<Instant> {
+        self.mail_from_at.take()
+    }
+
     /// Opens the session (and does the POP login) ahead of the pace wait, so the pace decides
     /// when mails are handed over, not when connections happen to be made. A failure here is
     /// not reported: `send` connects again and reports what it sees.
@@ -910,6 +920,7 @@ impl Deliverer {
             session.conn.command(Mail::new(Some(from.clone()), params)),
         )
         .await;
+        self.mail_from_at = Some(Instant::now());
         let r = match r {
             Ok(resp) if resp.code().severity != Severity::PositiveCompletion => Err(Failure {
                 stage: Stage::MailFrom,
@@ -1058,6 +1069,16 @@ impl Deliverer {
 
     async fn quit(&self, mut s: Session) {
         let _ = tokio::time::timeout(self.cfg.smtp.timeout, s.conn.command(Quit)).await;
+    }
+
+    /// How long until the kept connection reaches `idle_timeout` (`None`: no connection).
+    pub fn idle_left(&self) -> Option<Duration> {
+        self.session.as_ref().map(|s| {
+            self.cfg
+                .smtp
+                .idle_timeout
+                .saturating_sub(s.last_used.elapsed())
+        })
     }
 
     /// Closes the kept connection if it has been idle for `idle_timeout`.

@@ -7,7 +7,8 @@
 //!
 //! Points: `freeze-scheduler` (the loop stops without a heartbeat), `leak-secret` (a planted
 //! secret in the trace log), `crash-in-claim` (inside the claim's transaction, before commit),
-//! `crash-after-reply` (between the server's final reply and the outcome write).
+//! `crash-after-reply` (between the server's final reply and the outcome write), `no-inotify`
+//! (the idle scheduler polls the queue file's stamp instead of waiting for inotify events).
 //!
 //! Not its job: anything in a normal build — without the feature every call is `false`.
 

@@ -13,6 +13,7 @@
 //! - `signals`: signals as one enum, and the shutdown flag;
 //! - `service`: systemd notify and watchdog, housekeeping, metrics gauges;
 //! - `telemetry`: logs and metrics;
+//! - `watch`: notices commits to the queue file without a query, so an idle daemon stays idle;
 //! - `error`: the one error type, with stable codes and texts in English and Japanese;
 //! - `cli`: the command line.
 
@@ -32,3 +33,4 @@ pub mod service;
 pub mod signals;
 pub mod store;
 pub mod telemetry;
+pub mod watch;

@@ -10,15 +10,22 @@
 //! pacer testable with governor's `FakeRelativeClock` (governor's own `until_ready` waits on
 //! futures-timer, which tokio's paused clock does not drive).
 //!
+//! The bucket spaces the moments the pace lets mails go; what the provider sees is when each
+//! MAIL FROM reaches it, a little later and not always equally later. So the pacer also holds
+//! the next MAIL FROM until `interval` after the server's reply to the `burst`-th previous one
+//! ([`Pacer::handed_over`]): the reply is the latest moment the server can have received it.
+//! That keeps every window of one interval at the server to `burst` MAIL FROMs; it adds the
+//! MAIL FROM round trip to each gap (well under 1 ms on a LAN).
+//!
 //! Invariants: a slot is taken only when the caller is about to send; never more than `burst`
-//! sends within one interval; the windows never count more than the database recorded plus
-//! what this process sent.
+//! MAIL FROMs within one interval at the server (the caller reports each reply); the windows
+//! never count more than the database recorded plus what this process sent.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::time::{Duration, SystemTime};
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
@@ -27,6 +34,8 @@ use crate::config::RateConfig;
 
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86400);
+/// The resolution of the send times the database records (millisecond text).
+const HISTORY_RESOLUTION: Duration = Duration::from_millis(1);
 
 type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
@@ -50,6 +59,9 @@ pub struct Pacer<C: Clock = DefaultClock> {
     max_per_hour: Option<u32>,
     /// `[rate] max_per_day`.
     max_per_day: Option<u32>,
+    /// When the server answered the last `burst` MAIL FROMs, oldest first: the latest moments
+    /// it can have received them (see [`Pacer::handed_over`]).
+    handed: VecDeque<C::Instant>,
 }
 
 impl Pacer<DefaultClock> {
@@ -74,6 +86,25 @@ impl<C: Clock + Clone> Pacer<C> {
             recent: VecDeque::new(),
             max_per_hour: cfg.max_per_hour,
             max_per_day: cfg.max_per_day,
+            handed: VecDeque::new(),
+        }
+    }
+
+    /// Records that the server answered a MAIL FROM `ago` before now. The server received it
+    /// somewhere between our write and its reply; the pace lets the next MAIL FROM (the
+    /// `burst`-th next, with a burst) go no sooner than `interval` after this reply, so no two
+    /// reach the server closer together than the interval, however late a MAIL FROM left after
+    /// the pace let it go (a slow wakeup, a busy CPU) or however late the server saw it. The
+    /// token bucket alone spaces the moments the pace *let* mails go, which a late one then
+    /// crowds at the server.
+    pub fn handed_over(&mut self, ago: Duration) {
+        if self.limiter.is_none() {
+            return;
+        }
+        self.handed
+            .push_back(self.clock.now().saturating_sub(ago.into()));
+        while self.handed.len() > self.burst as usize {
+            self.handed.pop_front();
         }
     }
 
@@ -102,7 +133,9 @@ impl<C: Clock + Clone> Pacer<C> {
         let t = self.interval;
         let mut tat: Option<SystemTime> = None;
         for s in &times {
-            tat = Some(tat.map_or(*s, |x| x.max(*s)) + t);
+            // The database keeps milliseconds, truncated: the send may have been up to 1 ms later.
+            let s = *s + HISTORY_RESOLUTION;
+            tat = Some(tat.map_or(s, |x| x.max(s)) + t);
         }
         let Some(tat) = tat else {
             return Duration::ZERO;
@@ -122,6 +155,13 @@ impl<C: Clock + Clone> Pacer<C> {
             return Err(wait);
         }
         if let Some(limiter) = &self.limiter {
+            if self.handed.len() >= self.burst as usize {
+                let now = self.clock.now();
+                let free = self.handed[0] + self.interval.into();
+                if now < free {
+                    return Err(free.duration_since(now).into());
+                }
+            }
             if let Some(owed) = NonZeroU32::new(std::mem::take(&mut self.owed)) {
                 // Owed tokens come from a full bucket, so this cannot fail for capacity.
                 let _ = limiter.check_n(owed);
@@ -247,9 +287,10 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let clock = FakeRelativeClock::default();
         let mut p = Pacer::with_clock(&cfg(6000, 1), clock.clone());
-        // The last send was 1.5 s ago: the next may go 4.5 s from now, not earlier.
+        // The last send was 1.5 s ago: the next may go 4.5 s from now, not earlier (+1 ms: the
+        // database keeps truncated milliseconds).
         let wait = p.restore(&[t0 - Duration::from_millis(1500)], t0);
-        assert_eq!(wait, Duration::from_millis(4500));
+        assert_eq!(wait, Duration::from_millis(4501));
         clock.advance(wait);
         let sends = drive(&mut p, &clock, 2, t0 + wait);
         assert_eq!(sends, vec![0, 6000]);
@@ -266,7 +307,83 @@ mod tests {
         let start = t0 + wait;
         let sends = drive(&mut p, &clock, 3, start);
         let since_t0: Vec<u128> = sends.iter().map(|s| s + wait.as_millis()).collect();
-        assert_eq!(since_t0, vec![1000, 2000, 3000]);
+        // +1 ms: the recorded times are truncated milliseconds.
+        assert_eq!(since_t0, vec![1001, 2001, 3001]);
+    }
+
+    /// Sends `n` mails: each MAIL FROM is answered `late[i]` after the pace let it go. Returns
+    /// when the pace let each go and when each was answered, in ms from the start.
+    fn drive_late(
+        p: &mut Pacer<FakeRelativeClock>,
+        clock: &FakeRelativeClock,
+        late: &[u64],
+    ) -> (Vec<u64>, Vec<u64>) {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut t = 0u64;
+        let (mut released, mut answered) = (vec![], vec![]);
+        for l in late {
+            loop {
+                match p.try_acquire(start + Duration::from_millis(t)) {
+                    Ok(()) => break,
+                    Err(w) => {
+                        assert!(w > Duration::ZERO);
+                        let w = w.as_millis() as u64;
+                        clock.advance(Duration::from_millis(w));
+                        t += w;
+                    }
+                }
+            }
+            released.push(t);
+            clock.advance(Duration::from_millis(*l));
+            t += l;
+            answered.push(t);
+            p.handed_over(Duration::ZERO);
+        }
+        (released, answered)
+    }
+
+    #[test]
+    fn a_late_mail_from_holds_the_next_one_back_a_full_interval() {
+        let clock = FakeRelativeClock::default();
+        let mut p = Pacer::with_clock(&cfg(100, 1), clock.clone());
+        // The second MAIL FROM is answered 8 ms after the pace let it go (a busy CPU, a slow
+        // server); the third was let go at 200 ms by the bucket alone, 92 ms after it.
+        let (released, answered) = drive_late(&mut p, &clock, &[0, 8, 0, 0]);
+        assert_eq!(answered, vec![0, 108, 208, 308]);
+        assert_eq!(released, vec![0, 100, 208, 308]);
+        for i in 1..released.len() {
+            assert!(
+                released[i] - answered[i - 1] >= 100,
+                "{released:?} {answered:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn prompt_mail_froms_keep_the_exact_interval() {
+        let clock = FakeRelativeClock::default();
+        let mut p = Pacer::with_clock(&cfg(100, 1), clock.clone());
+        let (released, _) = drive_late(&mut p, &clock, &[0; 5]);
+        assert_eq!(released, vec![0, 100, 200, 300, 400]);
+    }
+
+    #[test]
+    fn with_a_burst_the_burst_th_previous_reply_is_the_limit() {
+        let clock = FakeRelativeClock::default();
+        let mut p = Pacer::with_clock(&cfg(100, 3), clock.clone());
+        // Three at once (each answered 5 ms after the previous); the fourth may not reach the
+        // server within 100 ms of the first's reply, so at most 3 fall in any interval.
+        let (released, answered) = drive_late(&mut p, &clock, &[5, 5, 5, 5]);
+        assert_eq!(answered[..3], [5, 10, 15]);
+        assert_eq!(released[3], 105);
+    }
+
+    #[test]
+    fn unpaced_ignores_replies() {
+        let clock = FakeRelativeClock::default();
+        let mut p = Pacer::with_clock(&cfg(0, 1), clock.clone());
+        let (released, _) = drive_late(&mut p, &clock, &[3, 3, 3]);
+        assert_eq!(released, vec![0, 3, 6]);
     }
 
     #[test]

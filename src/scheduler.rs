@@ -1,9 +1,18 @@
 //! The scheduler: due rows in, paced attempts out (Postfix's queue manager, in small).
 //!
-//! Job: look for due rows every `poll_interval`; when one is due, wait for the pace
-//! ([`rate::Pacer`]), claim it, build it (`message`), hand it to `deliver`, let `policy` judge
-//! and settle the outcome, and have `store` record it. One mail at a time per account: the
-//! provider's pace is the limit, and one connection is what providers expect.
+//! Job: find due rows; when one is due, claim it, build it (`message`), wait for the pace
+//! ([`rate::Pacer`]), hand it to `deliver`, let `policy` judge and settle the outcome, and have
+//! `store` record it. One mail at a time per account: the provider's pace is the limit, and one
+//! connection is what providers expect.
+//!
+//! Finding due rows: while rows are due it claims one after another. When a claim finds
+//! nothing it asks the database once when the next waiting row comes due ([`Store::next_due`])
+//! and sleeps until then, or until [`Watch`] reports a commit to the queue file — a CRM's
+//! INSERT, an UPDATE of a due time — at once (inotify) or within one `poll_interval` (polling
+//! two `stat()`s where inotify is unavailable); then it asks the database again. So a new row is
+//! seen at once (or within one `poll_interval`), a retry time comes due on time, and an idle
+//! daemon does not query the database ten times a second. It asks again at least every
+//! [`FULL_CHECK_EVERY`] in any case.
 //!
 //! Not its job: SQL, SMTP, or failure policy; those live in `store`, `deliver` and `policy`.
 //! Retry times are stored on the row (`next_attempt_at`), never held by a sleeping task.
@@ -32,10 +41,14 @@ use crate::policy::{self, Fate, Outcome, RowFacts, Settlement};
 use crate::rate::Pacer;
 use crate::service::{self, Heartbeat};
 use crate::signals::{Control, Shutdown};
-use crate::store::{parse_ts, Claim, PauseLevel, Record, Store};
+use crate::store::{parse_ts, Claim, NextDue, PauseLevel, Record, Store};
+use crate::watch::{Mark, Watch};
 
 /// Added to every heartbeat promise: the time to get from one promise to the next.
 const HEARTBEAT_SLACK: Duration = Duration::from_secs(2);
+
+/// The end of a pace wait shorter than this is slept precisely (see [`Worker::wait_for_pace`]).
+const FINE_WAIT: Duration = Duration::from_millis(2);
 
 /// How a finished attempt ended, for the caller (`test-send` prints it).
 #[derive(Debug, Clone)]
@@ -196,8 +209,15 @@ impl Worker {
                 Ok(()) => return true,
                 Err(wait) => {
                     self.heartbeat.promise(wait + HEARTBEAT_SLACK);
-                    if !shutdown.sleep(wait).await {
-                        return false;
+                    // tokio's timer ticks in milliseconds and fires up to a tick late, which
+                    // would add ~1 ms to every gap; the last stretch is slept on a blocking
+                    // thread instead (accurate to tens of microseconds).
+                    if wait > FINE_WAIT {
+                        if !shutdown.sleep(wait - FINE_WAIT).await {
+                            return false;
+                        }
+                    } else {
+                        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(wait)).await;
                     }
                 }
             }
@@ -384,10 +404,18 @@ impl Worker {
             }
             paced_at = Some(SystemTime::now());
             self.heartbeat.promise(self.attempt_budget(addrs.len()));
+            self.deliverer.take_mail_from_at();
             let report = self
                 .deliverer
                 .send(&self.cfg.sender.envelope_from, &addrs, &composed.bytes)
                 .await;
+            // The pace counts from the server's answer to MAIL FROM (the latest moment it can
+            // have seen it), and so does the send time kept for a restart.
+            if let Some(at) = self.deliverer.take_mail_from_at() {
+                let ago = at.elapsed();
+                self.pacer.handed_over(ago);
+                paced_at = SystemTime::now().checked_sub(ago).or(paced_at);
+            }
             crate::failpoint::crash("crash-after-reply");
             let reply = report.end.as_ref().ok().cloned();
             (policy::judge(&report), reply)
@@ -618,6 +646,73 @@ async fn idle(
     }
 }
 
+/// The longest the idle scheduler trusts its file stamps and computed due time without asking
+/// the database again (a wall-clock step, a file system whose times say too little).
+const FULL_CHECK_EVERY: Duration = Duration::from_secs(30);
+
+/// When an idle scheduler asks the database again at the latest: when the next waiting row
+/// comes due (1 ms late rather than early: stored times have millisecond text), else after
+/// [`FULL_CHECK_EVERY`]; a due time that cannot be read (or that the text comparison does not
+/// yet take as due) is looked at again after one `poll_interval`, as before.
+fn wake_at(next: NextDue, poll: Duration) -> Instant {
+    let now = Instant::now();
+    let wait = match next {
+        NextDue::Now => Duration::ZERO,
+        NextDue::Nothing => FULL_CHECK_EVERY,
+        NextDue::Later(None) => poll,
+        NextDue::Later(Some(t)) => match t.duration_since(SystemTime::now()) {
+            Ok(d) if !d.is_zero() => d + Duration::from_millis(1),
+            _ => poll,
+        },
+    };
+    now + wait.min(FULL_CHECK_EVERY)
+}
+
+/// Waits, idle, until `until`, a control message, stopping, or a commit to the queue file
+/// since `mark` ([`Watch`]: an inotify event, or — polling — a changed file stamp, looked at
+/// every `poll_interval`). Event-driven, one wait covers the whole idle time (cut at the kept
+/// SMTP connection's `idle_timeout`, to close it): an idle daemon has no wakeups of its own.
+/// The heartbeat is promised for each wait.
+async fn idle_until(
+    worker: &mut Worker,
+    watch: &mut Watch,
+    mark: Mark,
+    until: Instant,
+    shutdown: &mut Shutdown,
+    controls: &mut Option<mpsc::UnboundedReceiver<Control>>,
+) {
+    let poll = worker.cfg.queue.poll_interval;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || shutdown.is_requested() {
+            return;
+        }
+        worker.deliverer.close_if_idle().await;
+        let step = if watch.is_event_driven() {
+            worker.deliverer.idle_left().map_or(left, |d| left.min(d))
+        } else {
+            left.min(poll)
+        };
+        worker.heartbeat.promise(step + HEARTBEAT_SLACK);
+        tokio::select! {
+            changed = watch.changed(&mark, step) => if changed { return },
+            _ = shutdown.requested() => return,
+            Some(c) = next_control(controls) => {
+                apply(worker, c).await;
+                return;
+            }
+        }
+    }
+}
+
+/// The next control message; never, without a channel.
+async fn next_control(controls: &mut Option<mpsc::UnboundedReceiver<Control>>) -> Option<Control> {
+    match controls {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The daemon's loop. Returns when `shutdown` fires, or — with `once` — when nothing is due.
 pub async fn run(
     cfg: Config,
@@ -638,7 +733,11 @@ pub async fn run(
             "Waiting for the pace before the first send (the database records a recent send)."
         );
     }
+    let mut watch = Watch::new(store.path());
     let mut db_backoff = worker.cfg.queue.poll_interval;
+    // The last attempt finished normally: claim again without asking first (a backlog drains
+    // claim after claim; the claim that finds nothing leads back to asking).
+    let mut busy = false;
     while !shutdown.is_requested() {
         let poll = worker.cfg.queue.poll_interval;
         if crate::failpoint::hit("freeze-scheduler") {
@@ -651,26 +750,36 @@ pub async fn run(
                 apply(&mut worker, c).await;
             }
         }
-        let due = match store.has_due(SystemTime::now()).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(error = %e.text(Lang::En), retry_in_ms = db_backoff.as_millis() as u64, "Cannot read the queue database; trying again.");
-                hb.promise(db_backoff + HEARTBEAT_SLACK);
-                shutdown.sleep(db_backoff).await;
-                db_backoff = (db_backoff * 2).min(Duration::from_secs(30));
+        if !std::mem::take(&mut busy) {
+            // Taken before asking, so a commit made while the database answers is seen.
+            let mark = watch.mark();
+            let next = match store.next_due(SystemTime::now()).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e.text(Lang::En), retry_in_ms = db_backoff.as_millis() as u64, "Cannot read the queue database; trying again.");
+                    hb.promise(db_backoff + HEARTBEAT_SLACK);
+                    shutdown.sleep(db_backoff).await;
+                    db_backoff = (db_backoff * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            };
+            if next != NextDue::Now {
+                db_backoff = poll;
+                if opts.once {
+                    break;
+                }
+                let until = wake_at(next, poll);
+                idle_until(
+                    &mut worker,
+                    &mut watch,
+                    mark,
+                    until,
+                    &mut shutdown,
+                    &mut opts.controls,
+                )
+                .await;
                 continue;
             }
-        };
-        if !due {
-            db_backoff = poll;
-            if opts.once {
-                break;
-            }
-            worker.deliverer.close_if_idle().await;
-            if let Wake::Control(c) = idle(&mut shutdown, &mut opts.controls, poll).await {
-                apply(&mut worker, c).await;
-            }
-            continue;
         }
         // A rolling cap that is full: wait here, unclaimed (the CRM can still cancel, and a crash
         // leaves nothing in doubt), not after claiming.
@@ -735,6 +844,7 @@ pub async fn run(
             db_backoff = (db_backoff * 2).min(Duration::from_secs(30));
             continue;
         }
+        busy = true;
         stats.attempts += 1;
         match fin.status {
             "sent" => stats.sent += 1,

@@ -241,8 +241,9 @@ pub struct Record {
     pub pause: Option<(Duration, PauseLevel)>,
     /// The attempt proved the account works: lift a pause.
     pub resume: bool,
-    /// When the message was handed over (the pace's moment), replacing the claim time as the
-    /// attempt's `started_at`, which the pace is rebuilt from after a restart.
+    /// When the message was handed over (the server's answer to MAIL FROM, else the pace's
+    /// moment), replacing the claim time as the attempt's `started_at`, which the pace is
+    /// rebuilt from after a restart.
     pub started_at: Option<SystemTime>,
 }
 
@@ -1346,6 +1347,54 @@ impl Store {
                 });
             }
             Ok((headers, out))
+        })
+        .await
+    }
+}
+
+/// When the next waiting row comes due, as [`Store::next_due`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextDue {
+    /// A row is due now.
+    Now,
+    /// No row is due now; the earliest waiting row comes due at this moment (`None`: its time
+    /// is text that is not a timestamp, so no moment can be computed).
+    Later(Option<SystemTime>),
+    /// No row is waiting at all.
+    Nothing,
+}
+
+impl Store {
+    /// When the next waiting row comes due (the same conditions as the claim's, so `Now` means
+    /// the claim will find a row unless another process takes it first).
+    ///
+    /// Read inside `BEGIN IMMEDIATE`, like the claim: every write to the WAL is made under the
+    /// write lock, so a writer whose WAL write the caller noticed (see `watch`) has finished its
+    /// transaction — its frames synced and the commit made visible — before this reads. A plain
+    /// read could run between a CRM's WAL write and its commit and see nothing.
+    pub async fn next_due(&self, now: SystemTime) -> Result<NextDue, Error> {
+        let now = ts(now);
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // The moment each waiting row becomes due is the latest of its three conditions
+            // (text compares as SQLite compares it in DUE); the earliest such moment is the
+            // next due time. `max()` with a NULL is NULL, hence the coalesces.
+            let (at, due): (Option<String>, Option<bool>) = tx
+                .prepare_cached(
+                    "SELECT m, m <= ?1 FROM (SELECT min(max(next_attempt_at,
+                         CASE WHEN send_after IS NULL THEN ''
+                              ELSE coalesce(strftime('%Y-%m-%dT%H:%M:%fZ', send_after), '') END,
+                         CASE WHEN max_attempts = 1 THEN ''
+                              ELSE coalesce((SELECT paused_until FROM queue_state WHERE id = 1 AND paused = 1), '') END)) AS m
+                     FROM mail_queue INDEXED BY mail_queue_waiting WHERE status = 'queued')",
+                )?
+                .query_row(params![now], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            tx.commit()?;
+            Ok(match (at, due) {
+                (None, _) => NextDue::Nothing,
+                (Some(_), Some(true)) => NextDue::Now,
+                (Some(t), _) => NextDue::Later(parse_ts(&t)),
+            })
         })
         .await
     }

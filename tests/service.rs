@@ -460,3 +460,49 @@ fn the_secret_check_catches_a_planted_leak() {
         "the planted AUTH PLAIN base64 is found: {found:?}"
     );
 }
+
+/// An idle daemon finds a new row without polling the database, and wakes for a row whose
+/// `send_after` comes due with no commit in between. Both well within the scheduler's 30 s
+/// safety re-check, which would otherwise be what finds them.
+fn idle_daemon_finds_new_and_delayed_rows(env: &[(&str, &str)]) {
+    let server = SmtpServer::start(NO_ARGS);
+    let s = setup(server.port, |t| {
+        t.replace("poll_interval = \"50ms\"", "poll_interval = \"100ms\"")
+    });
+    let db = s.db();
+    let mut cmd = std::process::Command::new(mailqueue_bin());
+    cmd.arg("--config").arg(&s.config).arg("run");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut d = Daemon::from_command(cmd);
+    wait_for_log(&d, "Ready");
+    let id = db.insert("new@example.com", "new", "x");
+    db.wait_for_status(id, "sent", Duration::from_secs(5));
+    // Due in 2 s; nothing else is written meanwhile, so only the computed due time wakes it.
+    let at_text = mailqueue::store::ts(std::time::SystemTime::now() + Duration::from_secs(2));
+    let later = db.insert_cols(&[
+        ("to_addrs", &"later@example.com"),
+        ("subject", &"later"),
+        ("send_after", &at_text),
+    ]);
+    let row = db.wait_for_status(later, "sent", Duration::from_secs(10));
+    let sent_at = row["sent_at"].as_str().unwrap().to_string();
+    assert!(
+        sent_at >= at_text,
+        "sent at {sent_at}, before send_after {at_text}"
+    );
+    d.signal("TERM");
+    assert!(d.wait_timeout(LONG).expect("exits").success());
+}
+
+#[test]
+fn an_idle_daemon_finds_new_and_delayed_rows_by_inotify() {
+    idle_daemon_finds_new_and_delayed_rows(&[]);
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn an_idle_daemon_finds_new_and_delayed_rows_by_polling() {
+    idle_daemon_finds_new_and_delayed_rows(&[("MAILQUEUE_FAILPOINT", "no-inotify")]);
+}
