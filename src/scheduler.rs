@@ -736,7 +736,8 @@ pub async fn run(
     let mut watch = Watch::new(store.path());
     let mut db_backoff = worker.cfg.queue.poll_interval;
     // The last attempt finished normally: claim again without asking first (a backlog drains
-    // claim after claim; the claim that finds nothing leads back to asking).
+    // claim after claim; the claim that finds nothing leads back to asking) — unless that
+    // would open a connection (and log in) for a claim that may find nothing.
     let mut busy = false;
     while !shutdown.is_requested() {
         let poll = worker.cfg.queue.poll_interval;
@@ -750,7 +751,7 @@ pub async fn run(
                 apply(&mut worker, c).await;
             }
         }
-        if !std::mem::take(&mut busy) {
+        if !(std::mem::take(&mut busy) && worker.deliverer.ready_without_connecting()) {
             // Taken before asking, so a commit made while the database answers is seen.
             let mark = watch.mark();
             let next = match store.next_due(SystemTime::now()).await {
