@@ -448,9 +448,16 @@ impl Store {
         now: SystemTime,
         msgid_domain: String,
     ) -> Result<Option<Claim>, Error> {
+        self.call(self.claim_job(now, msgid_domain)).await
+    }
+
+    // Not reformatted: the body is as it was inside `self.call(..)`, where rustfmt left it.
+    #[rustfmt::skip]
+    fn claim_job(&self, now: SystemTime, msgid_domain: String)
+        -> impl FnOnce(&mut Connection) -> Result<Option<Claim>, Error> + Send + 'static {
         let now = ts(now);
         let prefetched = self.prefetched.clone();
-        self.call(move |c| {
+        move |c: &mut Connection| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let sql = format!("SELECT id FROM mail_queue INDEXED BY mail_queue_waiting WHERE {DUE} ORDER BY priority DESC, created_at, id LIMIT 1");
             let id: Option<i64> = tx.prepare_cached(&sql)?.query_row(params![now], |r| r.get(0)).optional()?;
@@ -525,6 +532,24 @@ impl Store {
             tx.commit()?;
             *prefetched.lock().unwrap_or_else(|p| p.into_inner()) = quick.map(|h| (id, h));
             Ok(Some(claim))
+        }
+    }
+
+    /// [`Store::record`], then [`Store::claim`], in one trip to the blocking pool (two
+    /// transactions, the outcome committed first, exactly as the two calls one after the
+    /// other): the scheduler draining a backlog records one mail and claims the next at once.
+    /// An error recording skips the claim (`Err`); the claim's own result comes back as is.
+    pub async fn record_then_claim(
+        &self,
+        rec: Record,
+        now: SystemTime,
+        msgid_domain: String,
+    ) -> Result<Result<Option<Claim>, Error>, Error> {
+        let record = Self::record_job(rec);
+        let claim = self.claim_job(now, msgid_domain);
+        self.call(move |c| {
+            record(c)?;
+            Ok(claim(c))
         })
         .await
     }
@@ -580,7 +605,13 @@ impl Store {
     /// Writes the outcome of one attempt in one short transaction: the row, its recipients, the
     /// attempt, and the account's pause.
     pub async fn record(&self, rec: Record) -> Result<(), Error> {
-        self.call(move |c| {
+        self.call(Self::record_job(rec)).await
+    }
+
+    // Not reformatted: the body is as it was inside `self.call(..)`, where rustfmt left it.
+    #[rustfmt::skip]
+    fn record_job(rec: Record) -> impl FnOnce(&mut Connection) -> Result<(), Error> + Send + 'static {
+        move |c: &mut Connection| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now_t = SystemTime::now();
             let now = ts(now_t);
@@ -654,8 +685,7 @@ impl Store {
             }
             tx.commit()?;
             Ok(())
-        })
-        .await
+        }
     }
 
     /// Gives a claimed row back untouched: `queued` again, the attempt neither counted nor
