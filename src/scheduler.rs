@@ -766,9 +766,6 @@ pub async fn run(
     worker.claim_ahead = true;
     let mut watch = Watch::new(store.path());
     let mut db_backoff = worker.cfg.queue.poll_interval;
-    // The last attempt finished normally: claim again without asking first (a backlog drains
-    // claim after claim; the claim that finds nothing leads back to asking).
-    let mut busy = false;
     while !shutdown.is_requested() {
         let poll = worker.cfg.queue.poll_interval;
         if crate::failpoint::hit("freeze-scheduler") {
@@ -781,7 +778,11 @@ pub async fn run(
                 apply(&mut worker, c).await;
             }
         }
-        if !std::mem::take(&mut busy) {
+        // A row claimed together with the last outcome goes straight to delivery; otherwise
+        // (nothing was due then, or no claim was made) the database is asked first, so that
+        // nothing — no POP login, no connection — is started for a queue with nothing due.
+        let ahead = worker.next_claim.take().flatten();
+        if ahead.is_none() {
             // Taken before asking, so a commit made while the database answers is seen.
             let mark = watch.mark();
             let next = match store.next_due(SystemTime::now()).await {
@@ -816,8 +817,8 @@ pub async fn run(
         // leaves nothing in doubt), not after claiming.
         if let Some(w) = worker.pacer.window_wait(SystemTime::now()) {
             if w > poll {
-                if let Some(Some(c)) = worker.next_claim.take() {
-                    worker.release(&c).await;
+                if let Some(c) = &ahead {
+                    worker.release(c).await;
                 }
                 tracing::debug!(
                     wait_ms = w.as_millis() as u64,
@@ -833,8 +834,8 @@ pub async fn run(
         }
         hb.promise(worker.attempt_budget(1));
         worker.deliverer.prepare().await;
-        let claimed = match worker.next_claim.take() {
-            Some(ahead) => Ok(ahead),
+        let claimed = match ahead {
+            Some(c) => Ok(Some(c)),
             None => {
                 store
                     .claim(SystemTime::now(), worker.msgid_domain.clone())
@@ -883,7 +884,6 @@ pub async fn run(
             db_backoff = (db_backoff * 2).min(Duration::from_secs(30));
             continue;
         }
-        busy = true;
         stats.attempts += 1;
         match fin.status {
             "sent" => stats.sent += 1,
