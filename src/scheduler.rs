@@ -785,6 +785,8 @@ pub async fn run(
         if ahead.is_none() {
             // Taken before asking, so a commit made while the database answers is seen.
             let mark = watch.mark();
+            // The read waits for the write lock (a CRM's transaction) up to the busy timeout.
+            hb.promise(crate::store::BUSY_TIMEOUT + HEARTBEAT_SLACK);
             let next = match store.next_due(SystemTime::now()).await {
                 Ok(n) => n,
                 Err(e) => {

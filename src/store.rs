@@ -31,7 +31,7 @@ use crate::policy::{Fate, Outcome};
 pub const STATUSES: &[&str] = &["queued", "sending", "sent", "failed", "cancelled", "held"];
 
 /// How long a connection waits for another writer (the CRM) before giving up.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The schema, one migration per version. Never edit a released entry; append a new one.
 const MIGRATIONS: &[&str] = &[
