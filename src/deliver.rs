@@ -804,13 +804,6 @@ impl Deliverer {
         self.mail_from_at.take()
     }
 
-    /// Whether a mail could go out without opening a connection first (one is kept open, or
-    /// the file transport): the scheduler then claims again without asking whether a row is
-    /// due, since a claim that finds nothing costs no login.
-    pub fn ready_without_connecting(&self) -> bool {
-        self.cfg.smtp.transport == TransportKind::File || self.session.is_some()
-    }
-
     /// Opens the session (and does the POP login) ahead of the pace wait, so the pace decides
     /// when mails are handed over, not when connections happen to be made. A failure here is
     /// not reported: `send` connects again and reports what it sees.

@@ -5,7 +5,10 @@
 //! `store` record it. One mail at a time per account: the provider's pace is the limit, and one
 //! connection is what providers expect.
 //!
-//! Finding due rows: while rows are due it claims one after another. When a claim finds
+//! Finding due rows: while rows are due it claims one after another — the next row in the same
+//! trip to the database as the last one's outcome (outcome committed first; not while a rolling
+//! cap is full, where rows wait unclaimed; a row claimed ahead is given back untouched if the
+//! daemon stops before sending it). When a claim finds
 //! nothing it asks the database once when the next waiting row comes due ([`Store::next_due`])
 //! and sleeps until then, or until [`Watch`] reports a commit to the queue file — a CRM's
 //! INSERT, an UPDATE of a due time — at once (inotify) or within one `poll_interval` (polling
@@ -81,6 +84,11 @@ pub struct Worker {
     not_before: Option<Instant>,
     /// The promise the watchdog checks.
     heartbeat: Arc<Heartbeat>,
+    /// Claim the next row in the same trip to the database as an outcome (the daemon's loop
+    /// sets it; `test-send` does not).
+    claim_ahead: bool,
+    /// The result of claiming ahead, for the loop: `Some(None)` when nothing was due.
+    next_claim: Option<Option<Claim>>,
 }
 
 /// Counts of one `run`, for `--once` and the demo.
@@ -107,6 +115,8 @@ impl Worker {
             msgid_domain,
             not_before,
             heartbeat: Heartbeat::new(),
+            claim_ahead: false,
+            next_claim: None,
         })
     }
 
@@ -572,7 +582,11 @@ impl Worker {
 
     /// Records an outcome, retrying until the database takes it: a mail that went out must not
     /// be left looking unsent, nor a failure unrecorded.
-    async fn write(&self, rec: Record) -> Finished {
+    ///
+    /// In the daemon's loop the next row is claimed in the same trip to the blocking pool, right
+    /// after the outcome is committed ([`Store::record_then_claim`]) — unless a rolling cap is
+    /// full, where rows wait unclaimed.
+    async fn write(&mut self, rec: Record) -> Finished {
         crate::telemetry::record_attempt(rec.outcome.name(), rec.status, rec.error_code.as_deref());
         let fin = Finished {
             id: rec.id,
@@ -582,7 +596,23 @@ impl Worker {
         };
         let mut wait = Duration::from_millis(200);
         loop {
-            match self.store.record(rec.clone()).await {
+            let now = SystemTime::now();
+            let result = if self.claim_ahead && self.pacer.window_wait(now).is_none() {
+                let r = self
+                    .store
+                    .record_then_claim(rec.clone(), now, self.msgid_domain.clone())
+                    .await;
+                r.map(|next| match next {
+                    Ok(c) => self.next_claim = Some(c),
+                    Err(e) => {
+                        // The loop claims again (and reports the error if it persists).
+                        tracing::debug!(error = %e.text(Lang::En), "Cannot claim the next row yet.")
+                    }
+                })
+            } else {
+                self.store.record(rec.clone()).await
+            };
+            match result {
                 Ok(()) => return fin,
                 Err(e) => {
                     tracing::error!(mail_id = rec.id, error = %e.text(Lang::En), retry_in_ms = wait.as_millis() as u64,
@@ -733,12 +763,9 @@ pub async fn run(
             "Waiting for the pace before the first send (the database records a recent send)."
         );
     }
+    worker.claim_ahead = true;
     let mut watch = Watch::new(store.path());
     let mut db_backoff = worker.cfg.queue.poll_interval;
-    // The last attempt finished normally: claim again without asking first (a backlog drains
-    // claim after claim; the claim that finds nothing leads back to asking) — unless that
-    // would open a connection (and log in) for a claim that may find nothing.
-    let mut busy = false;
     while !shutdown.is_requested() {
         let poll = worker.cfg.queue.poll_interval;
         if crate::failpoint::hit("freeze-scheduler") {
@@ -751,9 +778,15 @@ pub async fn run(
                 apply(&mut worker, c).await;
             }
         }
-        if !(std::mem::take(&mut busy) && worker.deliverer.ready_without_connecting()) {
+        // A row claimed together with the last outcome goes straight to delivery; otherwise
+        // (nothing was due then, or no claim was made) the database is asked first, so that
+        // nothing — no POP login, no connection — is started for a queue with nothing due.
+        let ahead = worker.next_claim.take().flatten();
+        if ahead.is_none() {
             // Taken before asking, so a commit made while the database answers is seen.
             let mark = watch.mark();
+            // The read waits for the write lock (a CRM's transaction) up to the busy timeout.
+            hb.promise(crate::store::BUSY_TIMEOUT + HEARTBEAT_SLACK);
             let next = match store.next_due(SystemTime::now()).await {
                 Ok(n) => n,
                 Err(e) => {
@@ -786,6 +819,9 @@ pub async fn run(
         // leaves nothing in doubt), not after claiming.
         if let Some(w) = worker.pacer.window_wait(SystemTime::now()) {
             if w > poll {
+                if let Some(c) = &ahead {
+                    worker.release(c).await;
+                }
                 tracing::debug!(
                     wait_ms = w.as_millis() as u64,
                     "The hourly or daily cap is reached; waiting."
@@ -800,10 +836,15 @@ pub async fn run(
         }
         hb.promise(worker.attempt_budget(1));
         worker.deliverer.prepare().await;
-        let claim = match store
-            .claim(SystemTime::now(), worker.msgid_domain.clone())
-            .await
-        {
+        let claimed = match ahead {
+            Some(c) => Ok(Some(c)),
+            None => {
+                store
+                    .claim(SystemTime::now(), worker.msgid_domain.clone())
+                    .await
+            }
+        };
+        let claim = match claimed {
             Ok(Some(c)) => {
                 db_backoff = poll;
                 c
@@ -845,13 +886,16 @@ pub async fn run(
             db_backoff = (db_backoff * 2).min(Duration::from_secs(30));
             continue;
         }
-        busy = true;
         stats.attempts += 1;
         match fin.status {
             "sent" => stats.sent += 1,
             "failed" => stats.failed += 1,
             _ => {}
         }
+    }
+    // Stopping with a row claimed ahead: it goes back untouched.
+    if let Some(Some(c)) = worker.next_claim.take() {
+        worker.release(&c).await;
     }
     worker.close().await;
     Ok(stats)

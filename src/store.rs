@@ -35,7 +35,7 @@ use crate::policy::{Fate, Outcome};
 pub const STATUSES: &[&str] = &["queued", "sending", "sent", "failed", "cancelled", "held"];
 
 /// How long a connection waits for another writer (the CRM) before giving up.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The schema, one migration per version. Never edit a released entry; append a new one.
 const MIGRATIONS: &[&str] = &[
@@ -321,7 +321,13 @@ pub struct Store {
     path: PathBuf,
     /// This process's [`OwnerLock`], taken before its first claim and held for its life.
     owner: Arc<Mutex<Option<OwnerLock>>>,
+    /// The last claimed row's id and extra headers, read in the claim's transaction when the
+    /// row has no attachments, so [`Store::extras`] needs no second trip to the blocking pool.
+    prefetched: Arc<Mutex<Prefetched>>,
 }
+
+/// A claimed row's id and its `headers`, read by the claim (see `Store::prefetched`).
+type Prefetched = Option<(i64, Option<String>)>;
 
 fn now_ts() -> String {
     ts(SystemTime::now())
@@ -408,6 +414,7 @@ impl Store {
             conn: Arc::new(Mutex::new(Some(conn))),
             path: path.to_path_buf(),
             owner: Arc::new(Mutex::new(None)),
+            prefetched: Arc::default(),
         })
     }
 
@@ -564,19 +571,25 @@ impl Store {
         now: SystemTime,
         msgid_domain: String,
     ) -> Result<Option<Claim>, Error> {
+        self.call(self.claim_job(now, msgid_domain)).await
+    }
+
+    // Not reformatted: the body is as it was inside `self.call(..)`, where rustfmt left it.
+    #[rustfmt::skip]
+    fn claim_job(&self, now: SystemTime, msgid_domain: String)
+        -> impl FnOnce(&mut Connection) -> Result<Option<Claim>, Error> + Send + 'static {
         let now = ts(now);
         let (owner, db) = (self.owner.clone(), self.path.clone());
-        self.call(move |c| {
+        let prefetched = self.prefetched.clone();
+        move |c: &mut Connection| {
             let token = owner_token(&owner, &db)?;
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let sql = format!("SELECT id FROM mail_queue INDEXED BY mail_queue_waiting WHERE {DUE} ORDER BY priority DESC, created_at, id LIMIT 1");
             let id: Option<i64> = tx.prepare_cached(&sql)?.query_row(params![now], |r| r.get(0)).optional()?;
             let Some(id) = id else { return Ok(None) };
-            let paused: bool = tx.query_row(
-                "SELECT paused = 1 FROM queue_state WHERE id = 1",
-                [],
-                |r| r.get(0),
-            )?;
+            let paused: bool = tx
+                .prepare_cached("SELECT paused = 1 FROM queue_state WHERE id = 1")?
+                .query_row([], |r| r.get(0))?;
             let new_id = format!("<{}@{}>", uuid::Uuid::new_v4().simple(), msgid_domain);
             let claim = tx.prepare_cached(
                 "UPDATE mail_queue SET status = 'sending', attempts = attempts + 1, updated_at = ?2,
@@ -640,8 +653,28 @@ impl Store {
                 let v = st.query_map(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
                 v
             };
+            let quick = prefetch_headers(&tx, id)?;
             tx.commit()?;
+            *prefetched.lock().unwrap_or_else(|p| p.into_inner()) = quick.map(|h| (id, h));
             Ok(Some(claim))
+        }
+    }
+
+    /// [`Store::record`], then [`Store::claim`], in one trip to the blocking pool (two
+    /// transactions, the outcome committed first, exactly as the two calls one after the
+    /// other): the scheduler draining a backlog records one mail and claims the next at once.
+    /// An error recording skips the claim (`Err`); the claim's own result comes back as is.
+    pub async fn record_then_claim(
+        &self,
+        rec: Record,
+        now: SystemTime,
+        msgid_domain: String,
+    ) -> Result<Result<Option<Claim>, Error>, Error> {
+        let record = Self::record_job(rec);
+        let claim = self.claim_job(now, msgid_domain);
+        self.call(move |c| {
+            record(c)?;
+            Ok(claim(c))
         })
         .await
     }
@@ -697,7 +730,13 @@ impl Store {
     /// Writes the outcome of one attempt in one short transaction: the row, its recipients, the
     /// attempt, and the account's pause.
     pub async fn record(&self, rec: Record) -> Result<(), Error> {
-        self.call(move |c| {
+        self.call(Self::record_job(rec)).await
+    }
+
+    // Not reformatted: the body is as it was inside `self.call(..)`, where rustfmt left it.
+    #[rustfmt::skip]
+    fn record_job(rec: Record) -> impl FnOnce(&mut Connection) -> Result<(), Error> + Send + 'static {
+        move |c: &mut Connection| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now_t = SystemTime::now();
             let now = ts(now_t);
@@ -762,17 +801,16 @@ impl Store {
                     )?;
                 }
             } else if rec.resume {
-                tx.execute(
+                tx.prepare_cached(
                     "UPDATE queue_state SET paused = 0, paused_since = NULL, paused_until = NULL, pause_level = 0,
                             error_code = NULL, error_text = NULL, updated_at = ?1
                      WHERE id = 1 AND (paused = 1 OR pause_level > 0)",
-                    params![now],
-                )?;
+                )?
+                .execute(params![now])?;
             }
             tx.commit()?;
             Ok(())
-        })
-        .await
+        }
     }
 
     /// Gives a claimed row back untouched: `queued` again, the attempt neither counted nor
@@ -1309,6 +1347,16 @@ impl Store {
     /// transaction: attachments can be large).
     pub async fn extras(&self, id: i64) -> Result<(Option<String>, Vec<AttachmentRow>), Error> {
         use rusqlite::types::ValueRef;
+        let quick = self
+            .prefetched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((claimed, headers)) = quick {
+            if claimed == id {
+                return Ok((headers, vec![]));
+            }
+        }
         self.call(move |c| {
             let bad = |what: String| Error::InvalidRow { detail: what };
             let headers: Option<String> = c.query_row("SELECT headers FROM mail_queue WHERE id = ?1", params![id], |r| {
@@ -1458,6 +1506,24 @@ impl Store {
         })
         .await
     }
+}
+
+/// Row `id`'s extra headers if it has no attachments and its `headers` is text or NULL (what
+/// [`Store::extras`] would answer); `None` when `extras` must look (attachments, or a value it
+/// refuses with the reason).
+fn prefetch_headers(c: &Connection, id: i64) -> Result<Option<Option<String>>, Error> {
+    use rusqlite::types::ValueRef;
+    Ok(c.prepare_cached(
+        "SELECT headers, EXISTS (SELECT 1 FROM mail_attachment WHERE mail_id = ?1) FROM mail_queue WHERE id = ?1",
+    )?
+    .query_row(params![id], |r| {
+        Ok(match (r.get_ref(0)?, r.get::<_, bool>(1)?) {
+            (_, true) => None,
+            (ValueRef::Null, false) => Some(None),
+            (ValueRef::Text(t), false) => Some(Some(String::from_utf8_lossy(t).into_owned())),
+            _ => None,
+        })
+    })?)
 }
 
 fn read_state(c: &Connection) -> Result<QueueState, Error> {
@@ -1706,6 +1772,56 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(status, "held");
+    }
+
+    #[tokio::test]
+    async fn the_claim_reads_the_headers_of_a_row_without_attachments() {
+        let (_d, s) = temp_store();
+        let plain = s
+            .enqueue(NewMail {
+                to: "a@x.example".into(),
+                headers: Some("X-Report: 1".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let attached = s
+            .enqueue(NewMail {
+                to: "b@x.example".into(),
+                headers: Some("X-Report: 2".into()),
+                attachments: vec![("a.txt".into(), "text/plain".into(), b"hi".to_vec())],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let later = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(s.claim(later, "x".into()).await.unwrap().unwrap().id, plain);
+        // Changed after the claim: the claim's own reading is what `extras` answers, as for
+        // the row's other columns.
+        s.call(move |c| {
+            c.execute(
+                "UPDATE mail_queue SET headers = 'X-Report: changed' WHERE id = ?1",
+                [plain],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let (h, a) = s.extras(plain).await.unwrap();
+        assert_eq!((h.as_deref(), a.len()), (Some("X-Report: 1"), 0));
+        // Asked again (no claim in between), the database answers.
+        assert_eq!(
+            s.extras(plain).await.unwrap().0.as_deref(),
+            Some("X-Report: changed")
+        );
+        // A row with attachments is read by `extras` itself.
+        assert_eq!(
+            s.claim(later, "x".into()).await.unwrap().unwrap().id,
+            attached
+        );
+        let (h, a) = s.extras(attached).await.unwrap();
+        assert_eq!((h.as_deref(), a.len()), (Some("X-Report: 2"), 1));
+        assert_eq!(a[0].content.as_deref(), Some(&b"hi"[..]));
     }
 
     #[tokio::test]

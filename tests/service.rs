@@ -71,6 +71,44 @@ fn sigterm_during_a_slow_transaction_finishes_the_mail_then_exits_0() {
 }
 
 #[test]
+fn stopping_while_draining_a_backlog_gives_the_next_row_back() {
+    // While a backlog drains, the next row is claimed together with each outcome; a stop
+    // between mails must give that row back untouched, not leave it `sending` (in doubt).
+    let sink = SmtpSink::start(NO_ARGS);
+    let s = setup(sink.port, |t| t);
+    let db = s.db();
+    db.execute("BEGIN");
+    for i in 0..2000 {
+        db.insert(&format!("r{i}@example.com"), "backlog", "x");
+    }
+    db.execute("COMMIT");
+    let mut d = Daemon::spawn(&s.config, &["run"]);
+    wait_until(LONG, "20 mails sent", || {
+        (db.query_one::<i64>("SELECT count(*) FROM mail_queue WHERE status = 'sent'") >= 20)
+            .then_some(())
+    });
+    d.signal("TERM");
+    let status = d.wait_timeout(LONG).expect("exits");
+    assert!(status.success(), "{status:?}\n{}", d.stderr());
+    let count = |st: &str| {
+        db.query_one::<i64>(&format!(
+            "SELECT count(*) FROM mail_queue WHERE status = '{st}'"
+        ))
+    };
+    assert!(
+        count("queued") > 0,
+        "stopped before the backlog was drained"
+    );
+    assert_eq!(count("sending"), 0);
+    assert_eq!(count("sent") + count("queued"), 2000);
+    // The row given back has no attempt left behind, and every sent row exactly one.
+    assert_eq!(
+        db.query_one::<i64>("SELECT count(*) FROM mail_attempt"),
+        count("sent")
+    );
+}
+
+#[test]
 fn past_the_grace_the_mail_stays_sending_and_is_recovered_in_doubt() {
     let sink = SmtpSink::start(&["-w", "5"]);
     let s = setup(sink.port, in_queue("shutdown_grace = \"500ms\""));

@@ -655,7 +655,7 @@ def pacing(tmp):
     short = [{"gap_ms": g * 1000, "prev_gap_ms": gaps[k - 1] * 1000 if k else None,
               "new_connection": msgs[k + 1]["connection"] != msgs[k]["connection"]}
              for k, g in enumerate(gaps) if g < iv]
-    # The daemon's own clock: mail_attempt.started_at is the moment the pace let a mail go
+    # The daemon's own clock: mail_attempt.started_at is when the server answered MAIL FROM
     # (millisecond text).
     c = crm_connect(db)
     st = [datetime.datetime.strptime(x, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
@@ -1062,7 +1062,8 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
         a(f"| the daemon's own clock: shortest gap, mean gap | {pace['daemon_min_gap_ms']:.0f} ms, "
           f"{pace['daemon_mean_gap_ms']:.2f} ms ({pace['daemon_gaps_below_interval']} of {pace['n'] - 1} "
           f"shorter than {PACE_MS} ms by more than the 1 ms resolution) | between the `started_at` "
-          f"times of `mail_attempt`: when the pace let each mail go (millisecond text) |")
+          f"times of `mail_attempt`: when the server answered each MAIL FROM, the moment the pace "
+          f"counts the next interval from (millisecond text, truncated) |")
     a("")
     if pace["short_gaps"]:
         a(f"The gaps shorter than {PACE_MS} ms at the server, each with the gap before it: "
@@ -1071,9 +1072,9 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
           + (" …" if len(pace["short_gaps"]) > 12 else "")
           + f" ms; {sum(1 for g in pace['short_gaps'] if g['new_connection'])} of them on a new "
           f"connection ({pace['connections']} connections in all: `max_messages_per_connection` "
-          f"is 100). A short gap at the server right after a long one, while the daemon's own "
-          f"send times keep the interval, means that one MAIL FROM reached the server a few ms "
-          f"later than the pace let it go, and the next one was on time again.")
+          f"is 100). The pace holds each MAIL FROM until {PACE_MS} ms after the server answered "
+          f"the previous one (`src/rate.rs`), and the server stamps `mail_at` before it answers, so "
+          f"a short gap here means a MAIL FROM left earlier than that rule allows.")
     a("")
 
     # --- latency -------------------------------------------------------------------------------
@@ -1089,7 +1090,7 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
     a("| figure | p50 | p99 | max | meaning |")
     a("|---|---|---|---|---|")
     a(f"| commit → accepted | **{lat['p50_ms']:.1f} ms** | {lat['p99_ms']:.1f} ms | {lat['max_ms']:.1f} ms | what the CRM's user waits for (min {lat['min_ms']:.1f} ms, mean {lat['mean_ms']:.1f} ms) |")
-    a(f"| commit → MAIL FROM | {lat['to_mail_from_p50_ms']:.1f} ms | {lat['to_mail_from_p99_ms']:.1f} ms | | finding the row (the poll), claiming and building it, and the commands before MAIL |")
+    a(f"| commit → MAIL FROM | {lat['to_mail_from_p50_ms']:.1f} ms | {lat['to_mail_from_p99_ms']:.1f} ms | | noticing the commit (an inotify event on the queue file's directory, `src/watch.rs`), reading the due rows under the write lock, claiming and building the row, and the commands before MAIL |")
     a(f"| MAIL FROM → accepted | {lat['mail_from_to_accept_p50_ms']:.1f} ms | | | the SMTP transaction itself |")
     a("")
     a(f"The server saw {lat['connections']} connection(s) for the {lat['n']} mails.")
@@ -1244,14 +1245,17 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
         a(f"- **Postfix** drains {fr(pf_p)} mails/s pinned over one connection (its connection cache "
           f"hands the connection from one `smtp` process to the next, each delivering up to 100), "
           f"with per-mail queue-file work; mailqueue reaches {mq_p / pf_p * 100:.1f} % of that.")
-    a(f"- **Latency** ({lat['p50_ms']:.0f} ms p50, {lat['p99_ms']:.0f} ms p99): an idle daemon finds "
-      f"a new row at its next poll (`poll_interval = 100ms`: 0–100 ms, 50 ms on average); commit → "
-      f"MAIL FROM is {lat['to_mail_from_p50_ms']:.0f} ms p50 (the poll, the claim, building the "
-      f"mail), MAIL FROM → accepted {lat['mail_from_to_accept_p50_ms']:.0f} ms p50 (the SMTP "
+    a(f"- **Latency** ({lat['p50_ms']:.1f} ms p50, {lat['p99_ms']:.1f} ms p99): an idle daemon is "
+      f"woken by the CRM's commit itself (inotify on the queue file's directory; `poll_interval` "
+      f"is only the fallback stat() poll where inotify is unavailable); commit → MAIL FROM is "
+      f"{lat['to_mail_from_p50_ms']:.1f} ms p50 (the wakeup, the due-row read under the write "
+      f"lock, the claim, building the mail), MAIL FROM → accepted {lat['mail_from_to_accept_p50_ms']:.0f} ms p50 (the SMTP "
       f"transaction" + ("; most of it the wait for the delayed ACK above" if stall else "") + ").")
-    a(f"- **Idle**: the daemon looks for due rows every 100 ms (an SQLite query on tokio's blocking "
-      f"pool, with its thread wake-ups); {idl['cpu_pct']:.3f} % of a core is about "
-      f"{idl['cpu_s'] / idl['secs'] * 1e6 / 10:.0f} µs of CPU per poll.")
+    a(f"- **Idle**: the daemon sleeps until a commit to the queue file (inotify) or the next due "
+      f"time; with an empty queue it asks the database only every 30 s (`FULL_CHECK_EVERY` in "
+      f"`src/scheduler.rs`). {idl['cpu_s']:.2f} s of CPU in {idl['secs']:.0f} s = "
+      f"{idl['cpu_pct']:.3f} % of a core (utime + stime count in {idl['tick_s'] * 1000:.0f} ms "
+      f"ticks, so 0.00 s means less than one tick).")
     a("- Raw figures of every run: `target/bench/e2e-results.json` (not committed).")
     a("")
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
