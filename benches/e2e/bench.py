@@ -977,6 +977,14 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
       f"{verdict(sending_rss < 40)} |")
     a(f"| table size: {SCALE_SMALL:,} vs {SCALE_BIG:,} rows within 1.5× | {sc_ratio:.2f}× (delivery rate, "
       f"median of {ROUNDS}) | {verdict(sc_ratio <= 1.5 and 1 / sc_ratio <= 1.5)} |")
+    tmed = lambda key: median([r["rate"] for r in tp[key][True]]) if tp[key][True] else None  # noqa: E731
+    t_mq, t_src, t_pf = tmed("mq_one"), tmed("source"), tmed("postfix")
+    if t_mq and t_src:
+        a(f"| throughput, pinned: at least ½ of `smtp-source -d` | {fr(t_mq)} vs {fr(t_src)} mails/s "
+          f"({t_mq / t_src * 100:.1f} %; median of {ROUNDS}, section 1) | {verdict(t_mq >= t_src / 2)} |")
+    if t_mq and t_pf:
+        a(f"| throughput, pinned: at least 5× Postfix draining its queue | {fr(t_mq)} vs {fr(t_pf)} mails/s "
+          f"({t_mq / t_pf:.2f}×) | {verdict(t_mq >= 5 * t_pf)} |")
     a("")
 
     # --- throughput --------------------------------------------------------------------------
