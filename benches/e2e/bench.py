@@ -1253,6 +1253,8 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
         a(f"- **Postfix** drains {fr(pf_p)} mails/s pinned over one connection (its connection cache "
           f"hands the connection from one `smtp` process to the next, each delivering up to 100), "
           f"with per-mail queue-file work; mailqueue reaches {mq_p / pf_p * 100:.1f} % of that.")
+    a("- **Where the CPU goes** while draining a backlog: [PROFILE.md](PROFILE.md), written by "
+      "`bash benches/profile.sh` (`perf record` of the same one-connection run, grouped by kind of work).")
     a(f"- **Latency** ({lat['p50_ms']:.1f} ms p50, {lat['p99_ms']:.1f} ms p99): an idle daemon is "
       f"woken by the CRM's commit itself (inotify on the queue file's directory; `poll_interval` "
       f"is only the fallback stat() poll where inotify is unavailable); commit → MAIL FROM is "
