@@ -316,6 +316,17 @@ fn once(s: &Setup) -> std::process::Output {
     out
 }
 
+/// The row waits (`queued`, no attempt spent: the account is paused) with `code`, and its
+/// `last_error` holds `text`; returns the row.
+fn assert_paused(db: &Db, id: i64, code: &str, text: &str) -> serde_json::Value {
+    let row = db.row(id);
+    assert_eq!(row["status"], "queued", "{row}");
+    assert_eq!(row["attempts"], 0, "{row}");
+    assert_eq!(row["error_code"], code, "{row}");
+    assert!(row["last_error"].as_str().unwrap().contains(text), "{row}");
+    row
+}
+
 fn smtp_log(p: &Shared) -> Vec<String> {
     p.lock()
         .unwrap()
@@ -485,15 +496,11 @@ fn a_refused_fresh_token_pauses_the_account_without_a_second_try() {
     let db = Db::open(&s.db_path);
     let a = db.insert("a@example.com", "m1", "x");
     once(&s);
-    let row = db.row(a);
-    assert_eq!(row["status"], "queued", "{row}");
-    assert_eq!(row["error_code"], "auth_failed", "{row}");
-    assert!(
-        row["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("535 5.7.8 Username and Password not accepted."),
-        "{row}"
+    assert_paused(
+        &db,
+        a,
+        "auth_failed",
+        "535 5.7.8 Username and Password not accepted.",
     );
     assert_eq!(
         p.lock().unwrap().requests.len(),
@@ -511,13 +518,10 @@ fn a_refused_refresh_token_pauses_the_account_with_the_providers_words() {
     let db = Db::open(&s.db_path);
     let a = db.insert("a@example.com", "m1", "x");
     let out = once(&s);
-    let row = db.row(a);
-    assert_eq!(row["status"], "queued", "{row}");
-    assert_eq!(row["attempts"], 0, "{row}");
-    assert_eq!(row["error_code"], "oauth2_token_failed", "{row}");
+    let row = assert_paused(&db, a, "oauth2_token_failed", "invalid_grant");
     let text = row["last_error"].as_str().unwrap();
     assert!(
-        text.contains("invalid_grant") && text.contains("Token has been expired or revoked."),
+        text.contains("Token has been expired or revoked."),
         "{text}"
     );
     assert!(text.contains("/token"), "names the endpoint: {text}");
@@ -556,16 +560,7 @@ fn an_unreachable_token_endpoint_pauses_the_account() {
     let db = Db::open(&s.db_path);
     let a = db.insert("a@example.com", "m1", "x");
     once(&s);
-    let row = db.row(a);
-    assert_eq!(row["status"], "queued", "{row}");
-    assert_eq!(row["error_code"], "oauth2_token_failed", "{row}");
-    assert!(
-        row["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("could not be reached"),
-        "{row}"
-    );
+    assert_paused(&db, a, "oauth2_token_failed", "could not be reached");
     let _ = &s.dir;
 }
 
@@ -630,15 +625,7 @@ fn the_token_endpoint_over_tls_is_checked_against_ca_file() {
     let db = Db::open(&s.db_path);
     let a = db.insert("a@example.com", "m1", "x");
     once(&s);
-    let row = db.row(a);
-    assert_eq!(row["error_code"], "oauth2_token_failed", "{row}");
-    assert!(
-        row["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("UnknownIssuer"),
-        "{row}"
-    );
+    assert_paused(&db, a, "oauth2_token_failed", "UnknownIssuer");
     assert!(
         p.lock().unwrap().requests.is_empty(),
         "the refresh token never left"
@@ -663,14 +650,11 @@ fn xoauth2_with_a_token_from_password_command() {
     let db = Db::open(&db_path);
     let id = db.insert("a@example.com", "m", "x");
     assert!(run_mailqueue(&config, &["run", "--once"]).status.success());
-    let row = db.row(id);
-    assert_eq!(row["error_code"], "auth_failed", "{row}");
-    assert!(
-        row["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("535 5.7.8 Username and Password not accepted."),
-        "{row}"
+    assert_paused(
+        &db,
+        id,
+        "auth_failed",
+        "535 5.7.8 Username and Password not accepted.",
     );
     assert_eq!(
         smtp_log(&p),
