@@ -380,12 +380,7 @@ async fn take_lock(db: &Path) -> Result<(RunLock, bool), Error> {
 
 async fn recover(store: &Store, cfg: &Config, exclusive: bool) -> Result<(), Error> {
     if exclusive {
-        let hold = cfg.queue.on_doubt == crate::policy::OnDoubt::Hold;
-        let text = Error::InDoubt {
-            detail: "mailqueue stopped during the delivery".into(),
-            held: hold,
-        }
-        .text(cfg.log.error_language);
+        let (text, hold) = service::recovery_text(cfg, "mailqueue stopped during the delivery");
         let ids = store.recover_sending(text, hold).await?;
         if !ids.is_empty() {
             tracing::warn!(mail_ids = ?ids, "Rows left 'sending' by a previous run may have been delivered (in doubt): queued again, or held with on_doubt = \"hold\".");

@@ -771,41 +771,50 @@ impl Validator {
         file: Option<&PathBuf>,
         why: &str,
     ) -> Option<Secret> {
+        let key = format!("{section}.password");
+        match self.optional_secret(&key, inline, file) {
+            Some(Some(s)) => Some(s),
+            Some(None) => {
+                self.bad(&key, format!("is required {why} (or set password_file)"));
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// A secret given inline as `key` or as the first line of the file `key_file`, at most
+    /// one of them: `Some(None)` when neither is given, `None` after a problem (reported).
+    fn optional_secret(
+        &mut self,
+        key: &str,
+        inline: Option<String>,
+        file: Option<&PathBuf>,
+    ) -> Option<Option<Secret>> {
+        let file_key = format!("{key}_file");
+        let name = key.rsplit('.').next().unwrap_or(key);
         match (inline, file) {
             (Some(_), Some(_)) => {
-                self.bad(
-                    &format!("{section}.password"),
-                    "give either password or password_file, not both",
-                );
+                self.bad(key, format!("give either {name} or {name}_file, not both"));
                 None
             }
             (Some(p), None) if p.is_empty() => {
-                self.bad(&format!("{section}.password"), "is empty");
+                self.bad(key, "is empty");
                 None
             }
-            (Some(p), None) => Some(Secret::new(p)),
-            (None, Some(_)) if self.secrets == Secrets::Skip => Some(Secret::new("")),
+            (Some(p), None) => Some(Some(Secret::new(p))),
+            (None, Some(_)) if self.secrets == Secrets::Skip => Some(Some(Secret::new(""))),
             (None, Some(f)) => match read_secret_file(f) {
                 Ok(t) if t.is_empty() => {
-                    self.bad(
-                        &format!("{section}.password_file"),
-                        format!("{} is empty", f.display()),
-                    );
+                    self.bad(&file_key, format!("{} is empty", f.display()));
                     None
                 }
-                Ok(t) => Some(Secret::new(t)),
+                Ok(t) => Some(Some(Secret::new(t))),
                 Err(e) => {
-                    self.bad(&format!("{section}.password_file"), e);
+                    self.bad(&file_key, e);
                     None
                 }
             },
-            (None, None) => {
-                self.bad(
-                    &format!("{section}.password"),
-                    format!("is required {why} (or set password_file)"),
-                );
-                None
-            }
+            (None, None) => Some(None),
         }
     }
 
@@ -1188,36 +1197,11 @@ impl Validator {
         if client_id.is_empty() {
             self.bad("smtp.oauth2.client_id", "is required");
         }
-        let client_secret = match (o.client_secret, o.client_secret_file) {
-            (Some(_), Some(_)) => {
-                self.bad(
-                    "smtp.oauth2.client_secret",
-                    "give either client_secret or client_secret_file, not both",
-                );
-                None
-            }
-            (Some(s), None) if s.is_empty() => {
-                self.bad("smtp.oauth2.client_secret", "is empty");
-                None
-            }
-            (Some(s), None) => Some(Some(Secret::new(s))),
-            (None, Some(_)) if self.secrets == Secrets::Skip => Some(Some(Secret::new(""))),
-            (None, Some(f)) => match read_secret_file(&f) {
-                Ok(t) if t.is_empty() => {
-                    self.bad(
-                        "smtp.oauth2.client_secret_file",
-                        format!("{} is empty", f.display()),
-                    );
-                    None
-                }
-                Ok(t) => Some(Some(Secret::new(t))),
-                Err(e) => {
-                    self.bad("smtp.oauth2.client_secret_file", e);
-                    None
-                }
-            },
-            (None, None) => Some(None),
-        };
+        let client_secret = self.optional_secret(
+            "smtp.oauth2.client_secret",
+            o.client_secret,
+            o.client_secret_file.as_ref(),
+        );
         let refresh_token_file = match o.refresh_token_file {
             None => {
                 self.bad("smtp.oauth2.refresh_token_file", "is required");

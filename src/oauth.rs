@@ -129,27 +129,26 @@ impl TokenSource {
 
     /// The cached access token while it is good, else a fresh one.
     pub async fn token(&self) -> Result<Token, TokenError> {
+        self.get(true).await
+    }
+
+    /// A fresh access token (after the server refused the cached one, which is forgotten even
+    /// if no new one can be had).
+    pub async fn fresh(&self) -> Result<Token, TokenError> {
+        self.get(false).await
+    }
+
+    async fn get(&self, cached_ok: bool) -> Result<Token, TokenError> {
         let mut cache = self.cache.lock().await;
-        if let Some((t, good_until)) = cache.as_ref() {
-            if Instant::now() < *good_until {
+        match cache.as_ref() {
+            Some((t, good_until)) if cached_ok && Instant::now() < *good_until => {
                 return Ok(Token {
                     secret: t.clone(),
                     cached: true,
-                });
+                })
             }
+            _ => *cache = None,
         }
-        let (t, good_until) = self.refresh_locked().await?;
-        *cache = Some((t.clone(), good_until));
-        Ok(Token {
-            secret: t,
-            cached: false,
-        })
-    }
-
-    /// A fresh access token (after the server refused the cached one).
-    pub async fn fresh(&self) -> Result<Token, TokenError> {
-        let mut cache = self.cache.lock().await;
-        *cache = None;
         let (t, good_until) = self.refresh_locked().await?;
         *cache = Some((t.clone(), good_until));
         Ok(Token {

@@ -118,12 +118,10 @@ pub fn spawn_watchdog(heartbeat: Arc<Heartbeat>, mut shutdown: Shutdown) {
 /// the row queued again (or held with `on_doubt = "hold"`). Rows of live processes are never
 /// touched (see `Store::recover_orphans`). Errors are logged; the next round tries again.
 pub async fn recover_orphans(store: &Store, cfg: &Config) {
-    let hold = cfg.queue.on_doubt == OnDoubt::Hold;
-    let text = Error::InDoubt {
-        detail: "the mailqueue process that was sending it stopped during the delivery".into(),
-        held: hold,
-    }
-    .text(cfg.log.error_language);
+    let (text, hold) = recovery_text(
+        cfg,
+        "the mailqueue process that was sending it stopped during the delivery",
+    );
     match store.recover_orphans(text, hold).await {
         Ok(o) => {
             if !o.recovered.is_empty() {
@@ -143,6 +141,18 @@ pub async fn recover_orphans(store: &Store, cfg: &Config) {
             tracing::error!(error = %e.text(Lang::En), "Cannot check the rows other processes are sending; trying again next round.")
         }
     }
+}
+
+/// What a row recovered from `sending` says (`in_doubt`, in the configured language), and
+/// whether it is held (`on_doubt = "hold"`) rather than queued again.
+pub fn recovery_text(cfg: &Config, why: &str) -> (String, bool) {
+    let hold = cfg.queue.on_doubt == OnDoubt::Hold;
+    let text = Error::InDoubt {
+        detail: why.into(),
+        held: hold,
+    }
+    .text(cfg.log.error_language);
+    (text, hold)
 }
 
 /// Every `[queue] housekeeping_interval`: recovers the rows of processes that ended while

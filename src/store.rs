@@ -552,17 +552,6 @@ impl Store {
         .await
     }
 
-    /// Whether a row is due now (a cheap read, no write lock).
-    pub async fn has_due(&self, now: SystemTime) -> Result<bool, Error> {
-        let now = ts(now);
-        self.call(move |c| {
-            let sql = format!("SELECT EXISTS (SELECT 1 FROM mail_queue INDEXED BY mail_queue_waiting WHERE {DUE})");
-            Ok(c.prepare_cached(&sql)?
-                .query_row(params![now], |r| r.get(0))?)
-        })
-        .await
-    }
-
     /// Claims the most urgent due row (highest priority, then oldest): `queued` → `sending`,
     /// attempts + 1, a Message-ID if it has none, and a `mail_attempt` row opened. `None` if
     /// nothing is due (or another process took it first).
@@ -1424,24 +1413,28 @@ impl Store {
         let now = ts(now);
         self.call(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            // The moment each waiting row becomes due is the latest of its three conditions
-            // (text compares as SQLite compares it in DUE); the earliest such moment is the
-            // next due time. `max()` with a NULL is NULL, hence the coalesces.
-            let (at, due): (Option<String>, Option<bool>) = tx
-                .prepare_cached(
-                    "SELECT m, m <= ?1 FROM (SELECT min(max(next_attempt_at,
-                         CASE WHEN send_after IS NULL THEN ''
-                              ELSE coalesce(strftime('%Y-%m-%dT%H:%M:%fZ', send_after), '') END,
-                         CASE WHEN max_attempts = 1 THEN ''
-                              ELSE coalesce((SELECT paused_until FROM queue_state WHERE id = 1 AND paused = 1), '') END)) AS m
-                     FROM mail_queue INDEXED BY mail_queue_waiting WHERE status = 'queued')",
-                )?
+            // `Now` is decided by the claim's own condition (DUE), so the two cannot disagree
+            // (a `Now` the claim does not share would spin the loop). The moment a waiting row
+            // becomes due is the latest of DUE's three conditions (text compares as SQLite
+            // compares it there); the earliest such moment is the next due time. `max()` with
+            // a NULL is NULL, hence the coalesces.
+            let sql = format!(
+                "SELECT (SELECT min(max(next_attempt_at,
+                             CASE WHEN send_after IS NULL THEN ''
+                                  ELSE coalesce(strftime('%Y-%m-%dT%H:%M:%fZ', send_after), '') END,
+                             CASE WHEN max_attempts = 1 THEN ''
+                                  ELSE coalesce((SELECT paused_until FROM queue_state WHERE id = 1 AND paused = 1), '') END))
+                         FROM mail_queue INDEXED BY mail_queue_waiting WHERE status = 'queued'),
+                        EXISTS (SELECT 1 FROM mail_queue INDEXED BY mail_queue_waiting WHERE {DUE})"
+            );
+            let (at, due): (Option<String>, bool) = tx
+                .prepare_cached(&sql)?
                 .query_row(params![now], |r| Ok((r.get(0)?, r.get(1)?)))?;
             tx.commit()?;
             Ok(match (at, due) {
-                (None, _) => NextDue::Nothing,
-                (Some(_), Some(true)) => NextDue::Now,
-                (Some(t), _) => NextDue::Later(parse_ts(&t)),
+                (_, true) => NextDue::Now,
+                (None, false) => NextDue::Nothing,
+                (Some(t), false) => NextDue::Later(parse_ts(&t)),
             })
         })
         .await

@@ -307,13 +307,7 @@ fn setup_with(
 }
 
 fn once(s: &Setup) -> std::process::Output {
-    let out = run_mailqueue(&s.config, &["run", "--once"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_once(&s.config)
 }
 
 /// The row waits (`queued`, no attempt spent: the account is paused) with `code`, and its
@@ -649,7 +643,7 @@ fn xoauth2_with_a_token_from_password_command() {
     migrate(&config);
     let db = Db::open(&db_path);
     let id = db.insert("a@example.com", "m", "x");
-    assert!(run_mailqueue(&config, &["run", "--once"]).status.success());
+    run_once(&config);
     assert_paused(
         &db,
         id,
@@ -664,7 +658,7 @@ fn xoauth2_with_a_token_from_password_command() {
     // With the current token it goes through (after `resume` lifts the pause).
     std::fs::write(&config, text.replace("ya29.stale", "ya29.good")).unwrap();
     assert!(run_mailqueue(&config, &["resume"]).status.success());
-    assert!(run_mailqueue(&config, &["run", "--once"]).status.success());
+    run_once(&config);
     assert_eq!(db.status(id), "sent", "{}", db.row(id));
     assert!(
         p.lock().unwrap().requests.is_empty(),

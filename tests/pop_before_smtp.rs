@@ -63,13 +63,7 @@ fn relay(dovecot: &Dovecot, window: &str) -> SmtpServer {
 }
 
 fn once(s: &Setup) -> std::process::Output {
-    let out = run_mailqueue(&s.config, &["run", "--once"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_once(&s.config)
 }
 
 #[test]

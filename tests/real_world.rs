@@ -38,13 +38,7 @@ fn with_auth(extra: &str) -> impl Fn(String) -> String {
 }
 
 fn once(s: &Setup) -> std::process::Output {
-    let out = run_mailqueue(&s.config, &["run", "--once"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_once(&s.config)
 }
 
 #[test]

@@ -1052,6 +1052,17 @@ pub fn migrate(config: &Path) {
     );
 }
 
+/// `mailqueue --config CONFIG run --once`, asserting success; returns its output.
+pub fn run_once(config: &Path) -> Output {
+    let out = run_mailqueue(config, &["run", "--once"]);
+    assert!(
+        out.status.success(),
+        "mailqueue run --once failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Spawns `mailqueue --config CONFIG ARGS...` with stdout/stderr piped.
 /// Careful: a pipe nobody reads fills up (64 KiB) and blocks the daemon; prefer [`Daemon`].
 pub fn spawn_mailqueue<S: AsRef<OsStr>>(config: &Path, args: &[S]) -> Child {
