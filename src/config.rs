@@ -24,6 +24,10 @@ use crate::error::{Error, Lang};
 /// Where the config is read from when neither `--config` nor `$MAILQUEUE_CONFIG` says.
 pub const DEFAULT_PATH: &str = "/etc/mailqueue/mailqueue.toml";
 
+/// The largest `[queue] commit_batch`: bounds the rows one transaction claims and the crash
+/// window (rows in doubt) an admin can choose.
+pub const MAX_COMMIT_BATCH: u32 = 1000;
+
 /// A password or token. Its `Debug` and `Display` print a mask, so it cannot leak by formatting.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -108,6 +112,11 @@ struct RawQueue {
     max_recipients: Option<u32>,
     /// The directory attachment `path`s are read from (and must stay under). Off by default.
     attachments_dir: Option<PathBuf>,
+    /// Unpaced only (`[rate] interval_ms = 0`, a relay): the most outcomes committed in one
+    /// transaction, and rows claimed at once, while a backlog drains. A crash can leave up to
+    /// this many rows in doubt (sent or claimed, not yet recorded). 1 = commit every outcome
+    /// before the next mail. Default 64.
+    commit_batch: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -324,6 +333,8 @@ pub struct QueueConfig {
     pub max_recipients: u32,
     /// Where attachment paths are read from.
     pub attachments_dir: Option<PathBuf>,
+    /// Outcomes per commit (and rows per claim) while an unpaced queue drains; 1 = none batched.
+    pub commit_batch: u32,
 }
 
 /// `[sender]`.
@@ -948,6 +959,17 @@ impl Validator {
                 None => 100,
             },
             attachments_dir: q.attachments_dir,
+            commit_batch: match q.commit_batch {
+                Some(n) if (1..=MAX_COMMIT_BATCH).contains(&n) => n,
+                Some(n) => {
+                    self.bad(
+                        "queue.commit_batch",
+                        format!("{n} is not between 1 and {MAX_COMMIT_BATCH}"),
+                    );
+                    1
+                }
+                None => 64,
+            },
         }
     }
 

@@ -1,9 +1,9 @@
 //! Test-only fault injection (cargo feature `failpoints`; never in a release build).
 //!
 //! Job: let tests and the soak script stop the daemon at exact places. `MAILQUEUE_FAILPOINT`
-//! holds `name` or `name:probability` entries separated by commas; [`hit`] answers whether the
-//! named point fires now, and [`crash`] aborts the process there (like SIGKILL: no cleanup, no
-//! outcome written).
+//! holds `name`, `name:probability` or `name#n` (fires at the n-th time the point is reached
+//! only) entries separated by commas; [`hit`] answers whether the named point fires now, and
+//! [`crash`] aborts the process there (like SIGKILL: no cleanup, no outcome written).
 //!
 //! Points: `freeze-scheduler` (the loop stops without a heartbeat), `leak-secret` (a planted
 //! secret in the trace log), `crash-in-claim` (inside the claim's transaction, before commit),
@@ -20,6 +20,12 @@ pub fn hit(name: &str) -> bool {
             return false;
         };
         for entry in spec.split(',') {
+            if let Some((n, nth)) = entry.split_once('#') {
+                if n.trim() == name {
+                    return count(name) == nth.trim().parse::<u64>().unwrap_or(0);
+                }
+                continue;
+            }
             let (n, p) = entry.split_once(':').unwrap_or((entry, "1"));
             if n.trim() == name {
                 let p: f64 = p.trim().parse().unwrap_or(1.0);
@@ -40,6 +46,23 @@ pub fn crash(name: &str) {
     if hit(name) {
         eprintln!("failpoint {name}: aborting");
         std::process::abort();
+    }
+}
+
+/// How many times the point `name` has been reached in this process, this time included.
+#[cfg(feature = "failpoints")]
+fn count(name: &str) -> u64 {
+    static COUNTS: std::sync::Mutex<Vec<(String, u64)>> = std::sync::Mutex::new(Vec::new());
+    let mut counts = COUNTS.lock().unwrap_or_else(|p| p.into_inner());
+    match counts.iter_mut().find(|(n, _)| n == name) {
+        Some((_, c)) => {
+            *c += 1;
+            *c
+        }
+        None => {
+            counts.push((name.to_string(), 1));
+            1
+        }
     }
 }
 

@@ -204,6 +204,26 @@ impl<C: Clock + Clone> Pacer<C> {
         wait
     }
 
+    /// How many more sends the rolling windows allow right now (`None`: no cap is set). The
+    /// scheduler claims no more rows ahead than this.
+    pub fn room(&mut self, now: SystemTime) -> Option<u32> {
+        self.window_wait(now); // drops sends older than a day
+        let mut room = None::<u32>;
+        for (cap, span) in [(self.max_per_hour, HOUR), (self.max_per_day, DAY)] {
+            let Some(cap) = cap else { continue };
+            let start = now.checked_sub(span).unwrap_or(SystemTime::UNIX_EPOCH);
+            let first = self.recent.partition_point(|t| *t <= start);
+            let left = (cap as usize).saturating_sub(self.recent.len() - first) as u32;
+            room = Some(room.map_or(left, |r| r.min(left)));
+        }
+        room
+    }
+
+    /// Whether there is no pace (`interval_ms = 0`): a send may follow the last one at once.
+    pub fn unpaced(&self) -> bool {
+        self.limiter.is_none()
+    }
+
     fn record(&mut self, now: SystemTime) {
         if self.max_per_hour.is_some() || self.max_per_day.is_some() {
             self.recent.push_back(now);
@@ -409,5 +429,23 @@ mod tests {
         let w = p.try_acquire(t0).unwrap_err();
         assert_eq!(w, Duration::from_secs(1800) + Duration::from_millis(1));
         assert_eq!(p.try_acquire(t0 + w), Ok(()));
+    }
+
+    #[test]
+    fn room_is_what_the_tightest_window_has_left() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut p = Pacer::with_clock(&cfg(0, 1), FakeRelativeClock::default());
+        assert_eq!(p.room(t0), None, "no cap, no limit");
+        assert!(p.unpaced());
+        let mut c = cfg(0, 1);
+        c.max_per_hour = Some(5);
+        c.max_per_day = Some(3);
+        let mut p = Pacer::with_clock(&c, FakeRelativeClock::default());
+        p.restore(&[t0 - Duration::from_secs(7200)], t0);
+        assert_eq!(p.room(t0), Some(2), "the day's cap of 3 has one send in it");
+        assert_eq!(p.try_acquire(t0), Ok(()));
+        assert_eq!(p.try_acquire(t0), Ok(()));
+        assert_eq!(p.room(t0), Some(0));
+        assert!(!Pacer::with_clock(&cfg(100, 1), FakeRelativeClock::default()).unpaced());
     }
 }

@@ -8,7 +8,12 @@
 //! Finding due rows: while rows are due it claims one after another — the next row in the same
 //! trip to the database as the last one's outcome (outcome committed first; not while a rolling
 //! cap is full, where rows wait unclaimed; a row claimed ahead is given back untouched if the
-//! daemon stops before sending it). When a claim finds
+//! daemon stops before sending it). Unpaced (`interval_ms = 0`, a relay draining a backlog) it
+//! works in batches of up to `[queue] commit_batch`: several rows claimed in one transaction,
+//! and their `sent` outcomes committed together in one (any other outcome at once; everything
+//! before a wait or a stop) — two commits per batch instead of two per mail, at the price of a
+//! crash window: a crash leaves up to a batch of rows `sending`, settled in doubt at the next
+//! start (see [`Worker::write`]). When a claim finds
 //! nothing it asks the database once when the next waiting row comes due ([`Store::next_due`])
 //! and sleeps until then, or until [`Watch`] reports a commit to the queue file — a CRM's
 //! INSERT, an UPDATE of a due time — at once (inotify) or within one `poll_interval` (polling
@@ -25,12 +30,14 @@
 //! lets the mail in flight finish within `[queue] shutdown_grace`.
 //!
 //! Invariants: shutdown is checked only between mails, so a mail in flight finishes (or, past
-//! the grace, stays `sending` to be recovered as in doubt); the heartbeat is renewed before
+//! the grace, stays `sending` to be recovered as in doubt); no outcome waits uncommitted while
+//! the loop waits (pace, idle, back-off, stop) or while the pace is on; the heartbeat is renewed before
 //! every bounded wait, so the watchdog sees a frozen loop and only that; a
 //! database error never kills the loop (it backs off and tries again) and an outcome is
 //! retried until it is written, so nothing is marked sent that was not, and a row is never left
 //! `sending` while this process lives.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -84,12 +91,29 @@ pub struct Worker {
     not_before: Option<Instant>,
     /// The promise the watchdog checks.
     heartbeat: Arc<Heartbeat>,
-    /// Claim the next row in the same trip to the database as an outcome (the daemon's loop
+    /// Claim the next rows in the same trip to the database as outcomes (the daemon's loop
     /// sets it; `test-send` does not).
     claim_ahead: bool,
-    /// The result of claiming ahead, for the loop: `Some(None)` when nothing was due.
-    next_claim: Option<Option<Claim>>,
+    /// Rows claimed ahead, most urgent first: the loop sends them before asking the database
+    /// again. At most `commit_batch` (one row when paced); given back untouched on a stop, on
+    /// an account pause, and when a rolling cap is full.
+    ahead: VecDeque<Claim>,
+    /// Outcomes not yet committed, in order: an unpaced backlog drains with one commit per
+    /// batch. Written when the batch is full, when no row is claimed ahead, before any wait,
+    /// before a stop, and at once for any outcome but `sent` (see [`Worker::write`]).
+    unrecorded: Vec<Record>,
+    /// When the oldest of `unrecorded` was made: the batch is written once it is older than
+    /// [`BATCH_WINDOW`].
+    unrecorded_since: Option<Instant>,
+    /// When the last batch of rows was claimed and how many: the next batch is sized to what is
+    /// sent in about [`BATCH_WINDOW`], so a slow server does not keep rows claimed for long.
+    last_batch: Option<(Instant, usize)>,
 }
+
+/// About how long an unpaced drain's batch lasts: rows are claimed ahead for this long at most
+/// (as the last batch's pace predicts) and an outcome waits about this long at most (plus the
+/// mail in flight) to be committed.
+const BATCH_WINDOW: Duration = Duration::from_millis(50);
 
 /// Counts of one `run`, for `--once` and the demo.
 #[derive(Debug, Default, Clone, Copy)]
@@ -116,7 +140,10 @@ impl Worker {
             not_before,
             heartbeat: Heartbeat::new(),
             claim_ahead: false,
-            next_claim: None,
+            ahead: VecDeque::new(),
+            unrecorded: Vec::new(),
+            unrecorded_since: None,
+            last_batch: None,
         })
     }
 
@@ -218,6 +245,8 @@ impl Worker {
             match self.pacer.try_acquire(SystemTime::now()) {
                 Ok(()) => return true,
                 Err(wait) => {
+                    // Nothing waits uncommitted while the pace makes us wait.
+                    self.flush(false).await;
                     self.heartbeat.promise(wait + HEARTBEAT_SLACK);
                     // tokio's timer ticks in milliseconds and fires up to a tick late, which
                     // would add ~1 ms to every gap; the last stretch is slept on a blocking
@@ -572,20 +601,37 @@ impl Worker {
 
     /// Gives a claimed row back (stopping during the pace wait), retrying like [`Self::write`].
     async fn release(&self, claim: &Claim) {
+        self.release_all(vec![(claim.id, claim.attempt_id)]).await;
+    }
+
+    /// Gives every row claimed ahead back untouched (a stop, an account pause, a full rolling
+    /// cap), in one transaction, retrying like [`Self::write`].
+    async fn release_ahead(&mut self) {
+        let claims: Vec<(i64, i64)> = self.ahead.drain(..).map(|c| (c.id, c.attempt_id)).collect();
+        if !claims.is_empty() {
+            self.release_all(claims).await;
+        }
+    }
+
+    async fn release_all(&self, claims: Vec<(i64, i64)>) {
         let mut wait = Duration::from_millis(200);
-        while let Err(e) = self.store.release(claim.id, claim.attempt_id).await {
-            tracing::error!(mail_id = claim.id, error = %e.text(Lang::En), "Cannot give the claimed row back; trying again.");
+        while let Err(e) = self.store.release_many(claims.clone()).await {
+            tracing::error!(mail_id = claims[0].0, rows = claims.len(), error = %e.text(Lang::En),
+                "Cannot give the claimed rows back; trying again.");
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(30));
         }
     }
 
-    /// Records an outcome, retrying until the database takes it: a mail that went out must not
-    /// be left looking unsent, nor a failure unrecorded.
+    /// Takes an outcome to be recorded: a mail that went out must not be left looking unsent,
+    /// nor a failure unrecorded.
     ///
-    /// In the daemon's loop the next row is claimed in the same trip to the blocking pool, right
-    /// after the outcome is committed ([`Store::record_then_claim`]) — unless a rolling cap is
-    /// full, where rows wait unclaimed.
+    /// Unpaced (`interval_ms = 0`), in the daemon's loop, with `commit_batch` > 1, a `sent`
+    /// outcome waits in memory while rows claimed ahead remain, up to `commit_batch` outcomes
+    /// or [`BATCH_WINDOW`]; then the batch is committed in one transaction ([`Self::flush`]).
+    /// A crash before that leaves those rows `sending`, settled in doubt at the next start (the
+    /// window docs/BENCHMARKS.md and docs/reliability.md describe). Any other outcome, and
+    /// every outcome when paced or in `test-send`, is committed before this returns.
     async fn write(&mut self, rec: Record) -> Finished {
         crate::telemetry::record_attempt(rec.outcome.name(), rec.status, rec.error_code.as_deref());
         let fin = Finished {
@@ -594,34 +640,99 @@ impl Worker {
             error_code: rec.error_code.clone(),
             text: rec.error_text.clone(),
         };
+        let pause = rec.pause.is_some();
+        let hold = self.batching()
+            && rec.outcome == Outcome::Sent
+            && !self.ahead.is_empty()
+            && self.unrecorded.len() + 1 < self.cfg.queue.commit_batch as usize
+            && self
+                .unrecorded_since
+                .is_none_or(|t| t.elapsed() < BATCH_WINDOW);
+        self.unrecorded_since.get_or_insert_with(Instant::now);
+        self.unrecorded.push(rec);
+        if !hold {
+            self.flush(true).await;
+        }
+        if pause {
+            // The queue is paused: what was claimed ahead waits, unclaimed, like the rest.
+            self.release_ahead().await;
+        }
+        fin
+    }
+
+    /// Whether outcomes may wait to be committed in batches (see [`Self::write`]).
+    fn batching(&self) -> bool {
+        self.claim_ahead && self.cfg.queue.commit_batch > 1 && self.pacer.unpaced()
+    }
+
+    /// Commits the outcomes not yet written, in one transaction, retrying until the database
+    /// takes them. With `claim`, in the daemon's loop, when no row is claimed ahead, the next
+    /// rows are claimed in the same trip to the blocking pool, right after the outcomes are
+    /// committed ([`Store::record_then_claim`]) — unless a rolling cap is full, where rows
+    /// wait unclaimed.
+    async fn flush(&mut self, claim: bool) {
+        if self.unrecorded.is_empty() {
+            return;
+        }
+        let recs = std::mem::take(&mut self.unrecorded);
+        self.unrecorded_since = None;
+        let claim = claim
+            && self.claim_ahead
+            && self.ahead.is_empty()
+            && !recs.iter().any(|r| r.pause.is_some());
         let mut wait = Duration::from_millis(200);
         loop {
             let now = SystemTime::now();
-            let result = if self.claim_ahead && self.pacer.window_wait(now).is_none() {
+            let n = if claim { self.claim_size(now) } else { 0 };
+            let result = if n > 0 {
                 let r = self
                     .store
-                    .record_then_claim(rec.clone(), now, self.msgid_domain.clone())
+                    .record_then_claim(recs.clone(), now, self.msgid_domain.clone(), n)
                     .await;
                 r.map(|next| match next {
-                    Ok(c) => self.next_claim = Some(c),
+                    Ok(c) => self.ahead.extend(c),
                     Err(e) => {
                         // The loop claims again (and reports the error if it persists).
-                        tracing::debug!(error = %e.text(Lang::En), "Cannot claim the next row yet.")
+                        tracing::debug!(error = %e.text(Lang::En), "Cannot claim the next rows yet.")
                     }
                 })
             } else {
-                self.store.record(rec.clone()).await
+                self.store.record_many(recs.clone()).await
             };
             match result {
-                Ok(()) => return fin,
+                Ok(()) => return,
                 Err(e) => {
-                    tracing::error!(mail_id = rec.id, error = %e.text(Lang::En), retry_in_ms = wait.as_millis() as u64,
+                    tracing::error!(mail_id = recs[0].id, outcomes = recs.len(), error = %e.text(Lang::En), retry_in_ms = wait.as_millis() as u64,
                         "Cannot record the outcome in the queue database; trying again.");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(30));
                 }
             }
         }
+    }
+
+    /// How many rows to claim at once now: none while a rolling cap is full; one when paced;
+    /// unpaced, what the last batch's pace says is sent in about [`BATCH_WINDOW`] (at most
+    /// twice the last batch, `commit_batch`, and what the rolling caps still allow).
+    fn claim_size(&mut self, now: SystemTime) -> usize {
+        if self.pacer.window_wait(now).is_some() {
+            return 0;
+        }
+        let mut n = 1;
+        if self.batching() {
+            if let Some((at, k)) = self.last_batch {
+                let per_mail = at.elapsed().as_nanos() / k as u128;
+                let fits = (BATCH_WINDOW.as_nanos() / per_mail.max(1)) as usize;
+                n = fits
+                    .clamp(1, 2 * k)
+                    .min(self.cfg.queue.commit_batch as usize);
+            }
+            if let Some(room) = self.pacer.room(now) {
+                n = n.min(room as usize).max(1);
+            }
+        }
+        self.last_batch = Some((Instant::now(), n));
+        n
     }
 
     /// Closes the SMTP connection (QUIT).
@@ -781,7 +892,7 @@ pub async fn run(
         // A row claimed together with the last outcome goes straight to delivery; otherwise
         // (nothing was due then, or no claim was made) the database is asked first, so that
         // nothing — no POP login, no connection — is started for a queue with nothing due.
-        let ahead = worker.next_claim.take().flatten();
+        let ahead = worker.ahead.pop_front();
         if ahead.is_none() {
             // Taken before asking, so a commit made while the database answers is seen.
             let mark = watch.mark();
@@ -819,9 +930,9 @@ pub async fn run(
         // leaves nothing in doubt), not after claiming.
         if let Some(w) = worker.pacer.window_wait(SystemTime::now()) {
             if w > poll {
-                if let Some(c) = &ahead {
-                    worker.release(c).await;
-                }
+                worker.flush(false).await;
+                worker.ahead.extend(ahead);
+                worker.release_ahead().await;
                 tracing::debug!(
                     wait_ms = w.as_millis() as u64,
                     "The hourly or daily cap is reached; waiting."
@@ -839,9 +950,15 @@ pub async fn run(
         let claimed = match ahead {
             Some(c) => Ok(Some(c)),
             None => {
-                store
-                    .claim(SystemTime::now(), worker.msgid_domain.clone())
-                    .await
+                let now = SystemTime::now();
+                let n = worker.claim_size(now).max(1);
+                match store.claim_many(now, worker.msgid_domain.clone(), n).await {
+                    Ok(v) => {
+                        worker.ahead.extend(v);
+                        Ok(worker.ahead.pop_front())
+                    }
+                    Err(e) => Err(e),
+                }
             }
         };
         let claim = match claimed {
@@ -867,20 +984,27 @@ pub async fn run(
             let fut = worker.attempt(claim, true, &mut pace_stop);
             tokio::pin!(fut);
             tokio::select! {
-                r = &mut fut => r,
+                r = &mut fut => Some(r),
                 _ = stop.requested() => match tokio::time::timeout(grace, &mut fut).await {
-                    Ok(r) => r,
+                    Ok(r) => Some(r),
                     Err(_) => {
                         tracing::warn!(grace_ms = grace.as_millis() as u64,
                             "The mail in flight did not finish within queue.shutdown_grace; it stays 'sending' and is recovered as in doubt at the next start.");
-                        return Ok(stats);
+                        None
                     }
                 },
             }
         };
+        let Some(fin) = fin else {
+            // The mail in flight is abandoned; what finished before it is still written.
+            worker.flush(false).await;
+            worker.release_ahead().await;
+            return Ok(stats);
+        };
         let Some(fin) = fin else { break };
         if fin.status == "released" {
             // The database could not be read for this row: back off like any database error.
+            worker.flush(false).await;
             hb.promise(db_backoff + HEARTBEAT_SLACK);
             shutdown.sleep(db_backoff).await;
             db_backoff = (db_backoff * 2).min(Duration::from_secs(30));
@@ -893,10 +1017,9 @@ pub async fn run(
             _ => {}
         }
     }
-    // Stopping with a row claimed ahead: it goes back untouched.
-    if let Some(Some(c)) = worker.next_claim.take() {
-        worker.release(&c).await;
-    }
+    // Stopping: what was sent is written, what was claimed ahead goes back untouched.
+    worker.flush(false).await;
+    worker.release_ahead().await;
     worker.close().await;
     Ok(stats)
 }

@@ -321,13 +321,14 @@ pub struct Store {
     path: PathBuf,
     /// This process's [`OwnerLock`], taken before its first claim and held for its life.
     owner: Arc<Mutex<Option<OwnerLock>>>,
-    /// The last claimed row's id and extra headers, read in the claim's transaction when the
-    /// row has no attachments, so [`Store::extras`] needs no second trip to the blocking pool.
+    /// Claimed rows' extra headers (by id), read in the claim's transaction when the row has
+    /// no attachments, so [`Store::extras`] needs no second trip to the blocking pool. Bounded:
+    /// each claim replaces the whole map with its own rows (at most `commit_batch` of them).
     prefetched: Arc<Mutex<Prefetched>>,
 }
 
-/// A claimed row's id and its `headers`, read by the claim (see `Store::prefetched`).
-type Prefetched = Option<(i64, Option<String>)>;
+/// Claimed rows' ids and their `headers`, read by the claim (see `Store::prefetched`).
+type Prefetched = std::collections::HashMap<i64, Option<String>>;
 
 fn now_ts() -> String {
     ts(SystemTime::now())
@@ -560,25 +561,44 @@ impl Store {
         now: SystemTime,
         msgid_domain: String,
     ) -> Result<Option<Claim>, Error> {
-        self.call(self.claim_job(now, msgid_domain)).await
+        let job = self.claim_job(now, msgid_domain, 1);
+        self.call(move |c| Ok(job(c)?.pop())).await
+    }
+
+    /// Claims up to `n` due rows, most urgent first, in one transaction (each as
+    /// [`Store::claim`] does): a daemon draining an unpaced backlog claims a batch at once.
+    pub async fn claim_many(
+        &self,
+        now: SystemTime,
+        msgid_domain: String,
+        n: usize,
+    ) -> Result<Vec<Claim>, Error> {
+        self.call(self.claim_job(now, msgid_domain, n)).await
     }
 
     // Not reformatted: the body is as it was inside `self.call(..)`, where rustfmt left it.
     #[rustfmt::skip]
-    fn claim_job(&self, now: SystemTime, msgid_domain: String)
-        -> impl FnOnce(&mut Connection) -> Result<Option<Claim>, Error> + Send + 'static {
+    fn claim_job(&self, now: SystemTime, msgid_domain: String, n: usize)
+        -> impl FnOnce(&mut Connection) -> Result<Vec<Claim>, Error> + Send + 'static {
         let now = ts(now);
         let (owner, db) = (self.owner.clone(), self.path.clone());
         let prefetched = self.prefetched.clone();
         move |c: &mut Connection| {
             let token = owner_token(&owner, &db)?;
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let sql = format!("SELECT id FROM mail_queue INDEXED BY mail_queue_waiting WHERE {DUE} ORDER BY priority DESC, created_at, id LIMIT 1");
-            let id: Option<i64> = tx.prepare_cached(&sql)?.query_row(params![now], |r| r.get(0)).optional()?;
-            let Some(id) = id else { return Ok(None) };
+            let sql = format!("SELECT id FROM mail_queue INDEXED BY mail_queue_waiting WHERE {DUE} ORDER BY priority DESC, created_at, id LIMIT ?2");
+            let ids: Vec<i64> = tx.prepare_cached(&sql)?
+                .query_map(params![now, n.max(1) as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            if ids.is_empty() {
+                return Ok(vec![]);
+            }
             let paused: bool = tx
                 .prepare_cached("SELECT paused = 1 FROM queue_state WHERE id = 1")?
                 .query_row([], |r| r.get(0))?;
+            let mut claims = Vec::with_capacity(ids.len());
+            let mut quick = Prefetched::new();
+            for id in ids {
             let new_id = format!("<{}@{}>", uuid::Uuid::new_v4().simple(), msgid_domain);
             let claim = tx.prepare_cached(
                 "UPDATE mail_queue SET status = 'sending', attempts = attempts + 1, updated_at = ?2,
@@ -623,8 +643,7 @@ impl Store {
                         "UPDATE mail_queue SET status = 'failed', updated_at = ?2, error_code = 'invalid_row', last_error = ?3 WHERE id = ?1",
                         params![id, now, text],
                     )?;
-                    tx.commit()?;
-                    return Ok(None);
+                    continue;
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -642,28 +661,34 @@ impl Store {
                 let v = st.query_map(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
                 v
             };
-            let quick = prefetch_headers(&tx, id)?;
+            if let Some(h) = prefetch_headers(&tx, id)? {
+                quick.insert(id, h);
+            }
+            claims.push(claim);
+            }
             tx.commit()?;
-            *prefetched.lock().unwrap_or_else(|p| p.into_inner()) = quick.map(|h| (id, h));
-            Ok(Some(claim))
+            *prefetched.lock().unwrap_or_else(|p| p.into_inner()) = quick;
+            Ok(claims)
         }
     }
 
-    /// [`Store::record`], then [`Store::claim`], in one trip to the blocking pool (two
-    /// transactions, the outcome committed first, exactly as the two calls one after the
-    /// other): the scheduler draining a backlog records one mail and claims the next at once.
-    /// An error recording skips the claim (`Err`); the claim's own result comes back as is.
+    /// [`Store::record_many`], then [`Store::claim_many`] of `n` rows (none if `n` is 0), in one
+    /// trip to the blocking pool (two transactions, the outcomes committed first, exactly as the
+    /// two calls one after the other): the scheduler draining a backlog records what it sent and
+    /// claims what comes next at once. An error recording skips the claim (`Err`); the claim's
+    /// own result comes back as is.
     pub async fn record_then_claim(
         &self,
-        rec: Record,
+        recs: Vec<Record>,
         now: SystemTime,
         msgid_domain: String,
-    ) -> Result<Result<Option<Claim>, Error>, Error> {
-        let record = Self::record_job(rec);
-        let claim = self.claim_job(now, msgid_domain);
+        n: usize,
+    ) -> Result<Result<Vec<Claim>, Error>, Error> {
+        let record = Self::record_job(recs);
+        let claim = (n > 0).then(|| self.claim_job(now, msgid_domain, n));
         self.call(move |c| {
             record(c)?;
-            Ok(claim(c))
+            Ok(claim.map_or(Ok(vec![]), |claim| claim(c)))
         })
         .await
     }
@@ -719,104 +744,135 @@ impl Store {
     /// Writes the outcome of one attempt in one short transaction: the row, its recipients, the
     /// attempt, and the account's pause.
     pub async fn record(&self, rec: Record) -> Result<(), Error> {
-        self.call(Self::record_job(rec)).await
+        self.record_many(vec![rec]).await
     }
 
-    // Not reformatted: the body is as it was inside `self.call(..)`, where rustfmt left it.
-    #[rustfmt::skip]
-    fn record_job(rec: Record) -> impl FnOnce(&mut Connection) -> Result<(), Error> + Send + 'static {
+    /// Writes the outcomes of several attempts, in order, in one transaction (all or none).
+    pub async fn record_many(&self, recs: Vec<Record>) -> Result<(), Error> {
+        self.call(Self::record_job(recs)).await
+    }
+
+    fn record_job(
+        recs: Vec<Record>,
+    ) -> impl FnOnce(&mut Connection) -> Result<(), Error> + Send + 'static {
         move |c: &mut Connection| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let now_t = SystemTime::now();
-            let now = ts(now_t);
-            let sent_at = (rec.status == "sent").then(|| now.clone());
-            let changed = tx.prepare_cached(
-                "UPDATE mail_queue SET status = ?2, updated_at = ?3,
-                        next_attempt_at = coalesce(?4, next_attempt_at),
-                        attempts = attempts - ?5,
-                        sent_at = coalesce(?6, sent_at),
-                        error_code = ?7, last_error = ?8, smtp_reply = coalesce(?9, smtp_reply)
-                 WHERE id = ?1",
-            )?
-            .execute(params![
-                rec.id,
-                rec.status,
-                now,
-                rec.next_attempt_at.map(ts),
-                if rec.counts { 0 } else { 1 },
-                sent_at,
-                rec.error_code,
-                rec.error_text,
-                rec.smtp_reply,
-            ])?;
-            if changed == 0 {
-                // The CRM deleted the row meanwhile: nothing left to record it on.
-                tracing::warn!(mail_id = rec.id, "The row was deleted while it was being sent; its outcome is not recorded.");
+            if recs.is_empty() {
                 return Ok(());
             }
-            for (addr, kind, fate, reply) in &rec.rcpts {
-                tx.prepare_cached(
-                    "INSERT INTO mail_recipient (mail_id, address, kind, status, smtp_reply, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (mail_id, address) DO UPDATE SET
-                        status = excluded.status, smtp_reply = excluded.smtp_reply, updated_at = excluded.updated_at",
-                )?
-                .execute(params![rec.id, addr, kind, fate.name(), reply, now])?;
-            }
-            tx.prepare_cached(
-                "UPDATE mail_attempt SET finished_at = ?2, outcome = ?3, error_code = ?4, error_text = ?5, smtp_reply = ?6,
-                        started_at = coalesce(?7, started_at)
-                 WHERE id = ?1",
-            )?
-            .execute(params![rec.attempt_id, now, rec.outcome.name(), rec.error_code, rec.error_text, rec.smtp_reply, rec.started_at.map(ts)])?;
-            if let Some((_, level)) = &rec.pause {
-                let (was_paused, old_level): (bool, i64) =
-                    tx.query_row("SELECT paused = 1, pause_level FROM queue_state WHERE id = 1", [], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })?;
-                let new_level = old_level + 1;
-                let wait = crate::policy::pause_for(&level.steps, new_level as u32);
-                tx.execute(
-                    "UPDATE queue_state SET paused = 1, paused_since = coalesce(paused_since, ?1),
-                            paused_until = ?2, pause_level = ?3, error_code = ?4, error_text = ?5, updated_at = ?1
-                     WHERE id = 1",
-                    params![now, ts(now_t + wait), new_level, rec.error_code, rec.error_text],
-                )?;
-                if !was_paused {
-                    // Every waiting row shows why it waits (bounded: one statement, once per pause).
-                    tx.execute(
-                        "UPDATE mail_queue SET last_error = ?1, error_code = ?2 WHERE status = 'queued'",
-                        params![rec.error_text, rec.error_code],
-                    )?;
-                }
-            } else if rec.resume {
-                tx.prepare_cached(
-                    "UPDATE queue_state SET paused = 0, paused_since = NULL, paused_until = NULL, pause_level = 0,
-                            error_code = NULL, error_text = NULL, updated_at = ?1
-                     WHERE id = 1 AND (paused = 1 OR pause_level > 0)",
-                )?
-                .execute(params![now])?;
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for rec in &recs {
+                record_in(&tx, rec)?;
             }
             tx.commit()?;
             Ok(())
         }
     }
+}
 
+/// One outcome, written inside the caller's transaction (see [`Store::record_many`]).
+// Not reformatted: the body is as it was inside `self.call(..)`, where rustfmt left it.
+#[rustfmt::skip]
+fn record_in(tx: &rusqlite::Transaction<'_>, rec: &Record) -> Result<(), Error> {
+    let now_t = SystemTime::now();
+    let now = ts(now_t);
+    let sent_at = (rec.status == "sent").then(|| now.clone());
+    let changed = tx.prepare_cached(
+        "UPDATE mail_queue SET status = ?2, updated_at = ?3,
+                next_attempt_at = coalesce(?4, next_attempt_at),
+                attempts = attempts - ?5,
+                sent_at = coalesce(?6, sent_at),
+                error_code = ?7, last_error = ?8, smtp_reply = coalesce(?9, smtp_reply)
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        rec.id,
+        rec.status,
+        now,
+        rec.next_attempt_at.map(ts),
+        if rec.counts { 0 } else { 1 },
+        sent_at,
+        rec.error_code,
+        rec.error_text,
+        rec.smtp_reply,
+    ])?;
+    if changed == 0 {
+        // The CRM deleted the row meanwhile: nothing left to record it on.
+        tracing::warn!(mail_id = rec.id, "The row was deleted while it was being sent; its outcome is not recorded.");
+        return Ok(());
+    }
+    for (addr, kind, fate, reply) in &rec.rcpts {
+        tx.prepare_cached(
+            "INSERT INTO mail_recipient (mail_id, address, kind, status, smtp_reply, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (mail_id, address) DO UPDATE SET
+                status = excluded.status, smtp_reply = excluded.smtp_reply, updated_at = excluded.updated_at",
+        )?
+        .execute(params![rec.id, addr, kind, fate.name(), reply, now])?;
+    }
+    tx.prepare_cached(
+        "UPDATE mail_attempt SET finished_at = ?2, outcome = ?3, error_code = ?4, error_text = ?5, smtp_reply = ?6,
+                started_at = coalesce(?7, started_at)
+         WHERE id = ?1",
+    )?
+    .execute(params![rec.attempt_id, now, rec.outcome.name(), rec.error_code, rec.error_text, rec.smtp_reply, rec.started_at.map(ts)])?;
+    if let Some((_, level)) = &rec.pause {
+        let (was_paused, old_level): (bool, i64) =
+            tx.query_row("SELECT paused = 1, pause_level FROM queue_state WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        let new_level = old_level + 1;
+        let wait = crate::policy::pause_for(&level.steps, new_level as u32);
+        tx.execute(
+            "UPDATE queue_state SET paused = 1, paused_since = coalesce(paused_since, ?1),
+                    paused_until = ?2, pause_level = ?3, error_code = ?4, error_text = ?5, updated_at = ?1
+             WHERE id = 1",
+            params![now, ts(now_t + wait), new_level, rec.error_code, rec.error_text],
+        )?;
+        if !was_paused {
+            // Every waiting row shows why it waits (bounded: one statement, once per pause).
+            tx.execute(
+                "UPDATE mail_queue SET last_error = ?1, error_code = ?2 WHERE status = 'queued'",
+                params![rec.error_text, rec.error_code],
+            )?;
+        }
+    } else if rec.resume {
+        tx.prepare_cached(
+            "UPDATE queue_state SET paused = 0, paused_since = NULL, paused_until = NULL, pause_level = 0,
+                    error_code = NULL, error_text = NULL, updated_at = ?1
+             WHERE id = 1 AND (paused = 1 OR pause_level > 0)",
+        )?
+        .execute(params![now])?;
+    }
+    Ok(())
+}
+
+impl Store {
     /// Gives a claimed row back untouched: `queued` again, the attempt neither counted nor
     /// recorded (used when stopping before anything was sent).
     pub async fn release(&self, id: i64, attempt_id: i64) -> Result<(), Error> {
+        self.release_many(vec![(id, attempt_id)]).await
+    }
+
+    /// [`Store::release`] for several claimed rows (`(id, attempt_id)`), in one transaction.
+    pub async fn release_many(&self, claims: Vec<(i64, i64)>) -> Result<(), Error> {
+        let prefetched = self.prefetched.clone();
         self.call(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                "DELETE FROM mail_attempt WHERE id = ?1",
-                params![attempt_id],
-            )?;
-            tx.execute(
-                "UPDATE mail_queue SET status = 'queued', attempts = attempts - 1, updated_at = ?2
-                 WHERE id = ?1 AND status = 'sending'",
-                params![id, now_ts()],
-            )?;
+            let now = now_ts();
+            for (id, attempt_id) in &claims {
+                tx.prepare_cached("DELETE FROM mail_attempt WHERE id = ?1")?
+                    .execute(params![attempt_id])?;
+                tx.prepare_cached(
+                    "UPDATE mail_queue SET status = 'queued', attempts = attempts - 1, updated_at = ?2
+                     WHERE id = ?1 AND status = 'sending'",
+                )?
+                .execute(params![id, now])?;
+            }
             tx.commit()?;
+            let mut quick = prefetched.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, _) in &claims {
+                quick.remove(id);
+            }
             Ok(())
         })
         .await
@@ -1340,11 +1396,9 @@ impl Store {
             .prefetched
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some((claimed, headers)) = quick {
-            if claimed == id {
-                return Ok((headers, vec![]));
-            }
+            .remove(&id);
+        if let Some(headers) = quick {
+            return Ok((headers, vec![]));
         }
         self.call(move |c| {
             let bad = |what: String| Error::InvalidRow { detail: what };
@@ -1765,6 +1819,68 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(status, "held");
+    }
+
+    /// A batch claim takes the most urgent rows in order, each with its own attempt, and
+    /// prefetches every row's headers; given back, the rows are `queued` again, untouched, and
+    /// their prefetched headers forgotten.
+    #[tokio::test]
+    async fn a_batch_is_claimed_in_order_and_given_back_untouched() {
+        let (_d, s) = temp_store();
+        let mut ids = vec![];
+        for (i, prio) in [0, 5, 0, 9].into_iter().enumerate() {
+            let id = s
+                .enqueue(NewMail {
+                    to: "a@x.example".into(),
+                    headers: Some(format!("X-N: {i}")),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            s.call(move |c| {
+                c.execute(
+                    "UPDATE mail_queue SET priority = ?2 WHERE id = ?1",
+                    params![id, prio],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+            ids.push(id);
+        }
+        let later = SystemTime::now() + Duration::from_secs(1);
+        let batch = s.claim_many(later, "x".into(), 3).await.unwrap();
+        let got: Vec<i64> = batch.iter().map(|c| c.id).collect();
+        assert_eq!(
+            got,
+            vec![ids[3], ids[1], ids[0]],
+            "priority first, then age"
+        );
+        let attempts: std::collections::HashSet<i64> = batch.iter().map(|c| c.attempt_id).collect();
+        assert_eq!(attempts.len(), 3, "one attempt each");
+        assert_eq!(s.extras(ids[1]).await.unwrap().0.as_deref(), Some("X-N: 1"));
+        s.release_many(batch.iter().map(|c| (c.id, c.attempt_id)).collect())
+            .await
+            .unwrap();
+        let (statuses, attempts_left): (Vec<(String, i64)>, i64) = s
+            .call(|c| {
+                let v = c
+                    .prepare("SELECT status, attempts FROM mail_queue ORDER BY id")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                let n = c.query_row("SELECT count(*) FROM mail_attempt", [], |r| r.get(0))?;
+                Ok((v, n))
+            })
+            .await
+            .unwrap();
+        assert!(
+            statuses.iter().all(|(st, a)| st == "queued" && *a == 0),
+            "{statuses:?}"
+        );
+        assert_eq!(attempts_left, 0);
+        assert!(s.prefetched.lock().unwrap().is_empty());
+        // Given back, all four are due again.
+        assert_eq!(s.claim_many(later, "x".into(), 10).await.unwrap().len(), 4);
     }
 
     #[tokio::test]

@@ -87,6 +87,12 @@ fn every_bad_start_is_one_line_and_exit_78() {
         ("[rate]", "[rate]\nburst = 0", "rate.burst"),
         ("[queue]", "[queue]\nunknown_key = 1", "queue.unknown_key"),
         ("[queue]", "[queue]\non_doubt = \"maybe\"", "queue.on_doubt"),
+        ("[queue]", "[queue]\ncommit_batch = 0", "queue.commit_batch"),
+        (
+            "[queue]",
+            "[queue]\ncommit_batch = 1001",
+            "queue.commit_batch",
+        ),
         ("auth = false", "auth = true\nuser = \"u\"", "smtp.password"),
     ];
     for (from, to, key) in cases {
