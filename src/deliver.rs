@@ -6,6 +6,14 @@
 //! stops at the first refused recipient and its async timeout covers only connecting: here every
 //! step has `[smtp] timeout` and the reply to the final "." has `data_timeout`.
 //!
+//! PIPELINING (RFC 2920): when the session's last EHLO reply offers it (lettre's, copied as it
+//! passes — after STARTTLS that is the post-TLS one; see `hand_over`), MAIL, the RCPTs and DATA
+//! go out as one write and their replies are read one by one, each within `[smtp] timeout`: two
+//! round trips per mail (that group, then the message) instead of four. The [`Report`] is the
+//! one the one-command-at-a-time path (kept for servers without PIPELINING, and for a group
+//! longer than `PIPELINE_MAX_BYTES`) gives for the same replies; a transaction that ends early
+//! still reads the replies already on their way, so the session stays in step.
+//!
 //! The connection is kept between mails (no NOOP round trip before reuse: if the first command
 //! on a reused connection finds it closed, one fresh connection is made and the mail goes there),
 //! renewed after `max_messages_per_connection`, and closed after `idle_timeout` without mails.
@@ -51,6 +59,10 @@ pub type Progress = Box<dyn Fn(&Step) + Send + Sync>;
 struct Session {
     /// lettre's connection, after EHLO (and STARTTLS and AUTH when configured).
     conn: AsyncSmtpConnection,
+    /// Whether MAIL, RCPT and DATA go out as one write (RFC 2920): only when the reply to the
+    /// session's last EHLO — lettre's, after STARTTLS when there is one, never the pre-TLS
+    /// one — offers PIPELINING (see `hand_over`).
+    pipelining: bool,
     /// When it was last used, for `idle_timeout`.
     last_used: Instant,
     /// Transactions completed on it, for `max_messages_per_connection`.
@@ -207,13 +219,67 @@ impl Plain<tokio::net::TcpStream> {
 const GREETING_FOR_LETTRE: &[u8] = b"220 session opened by mailqueue\r\n";
 
 /// A stream that first yields a synthetic greeting, so lettre's connect (which reads a greeting,
-/// then sends EHLO) can take over a session we opened.
+/// then sends EHLO) can take over a session we opened. It also copies lettre's EHLO reply as it
+/// passes (see [`EhloTap`]).
 #[derive(Debug)]
 struct Greeted<S> {
     /// How much of the greeting was read.
     at: usize,
     /// The stream.
     inner: S,
+    /// Watches the reply to lettre's EHLO; `None` once that reply is complete (or too long).
+    tap: Option<EhloTap>,
+}
+
+impl<S> Greeted<S> {
+    /// Wraps `inner`; the lines of the reply to lettre's EHLO will be in `ehlo` once it is read.
+    fn new(inner: S, ehlo: &std::sync::Arc<std::sync::OnceLock<Vec<String>>>) -> Greeted<S> {
+        Greeted {
+            at: 0,
+            inner,
+            tap: Some(EhloTap {
+                seen: Vec::new(),
+                out: ehlo.clone(),
+            }),
+        }
+    }
+}
+
+/// The most bytes of lettre's EHLO reply [`EhloTap`] keeps; beyond that it gives up (and the
+/// session is not pipelined). Real replies are a few hundred bytes.
+const EHLO_TAP_MAX: usize = 8192;
+
+/// A copy of the first reply read from the server after the synthetic greeting — the reply to
+/// lettre's EHLO, which is the one that counts for the session (after STARTTLS it is the EHLO
+/// RFC 3207 requires). lettre's `ServerInfo` keeps only the extensions lettre uses, not
+/// PIPELINING, so the keyword lines are taken here as they pass, without reading anything
+/// lettre would not read itself. Bounded by [`EHLO_TAP_MAX`]; done at the reply's last line.
+#[derive(Debug)]
+struct EhloTap {
+    /// The bytes so far.
+    seen: Vec<u8>,
+    /// Where the reply's text lines (the part after "250-"/"250 ") go once it is complete.
+    out: std::sync::Arc<std::sync::OnceLock<Vec<String>>>,
+}
+
+impl EhloTap {
+    /// Takes the next bytes read; true when it is done (the reply is complete, or too long).
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        self.seen.extend_from_slice(bytes);
+        let mut lines = Vec::new();
+        for line in self.seen.split_inclusive(|&b| b == b'\n') {
+            if !line.ends_with(b"\n") {
+                break;
+            }
+            let text = String::from_utf8_lossy(line).trim_end().to_string();
+            lines.push(text.get(4..).unwrap_or("").to_string());
+            if text.as_bytes().get(3) != Some(&b'-') {
+                let _ = self.out.set(lines);
+                return true;
+            }
+        }
+        self.seen.len() > EHLO_TAP_MAX
+    }
 }
 
 impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Greeted<S> {
@@ -229,7 +295,14 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Greeted<S> {
             self.at += n;
             return std::task::Poll::Ready(Ok(()));
         }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let (std::task::Poll::Ready(Ok(())), Some(tap)) = (&r, &mut self.tap) {
+            if tap.feed(&buf.filled()[before..]) {
+                self.tap = None;
+            }
+        }
+        r
     }
 }
 
@@ -323,6 +396,16 @@ async fn xoauth2(
     Ok(())
 }
 
+/// Whether an EHLO reply's lines (as `Plain::hello` and [`EhloTap`] give them: the first is the
+/// server's name, then one extension a line) offer the extension `keyword`.
+fn offers(ehlo: &[String], keyword: &str) -> bool {
+    ehlo.iter().skip(1).any(|l| {
+        l.split_whitespace()
+            .next()
+            .is_some_and(|k| k.eq_ignore_ascii_case(keyword))
+    })
+}
+
 /// Joins an error with its sources into one line (lettre puts the server text in the source).
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -369,6 +452,12 @@ fn reply_of(r: &Response) -> Reply {
         &r.message().collect::<Vec<_>>().join("\n"),
     )
 }
+
+/// The longest MAIL + RCPTs + DATA group sent as one pipelined write; a longer one (well over
+/// a hundred recipients) goes one command at a time. We write the whole group before reading
+/// any reply, so it must fit in the TCP window or both sides can block (RFC 2920 3.1: "make
+/// sure that each group of commands fits entirely within the window", usually 4K octets).
+const PIPELINE_MAX_BYTES: usize = 4096;
 
 /// Runs one SMTP step with a timeout; a timeout or error becomes a [`Failure`] at `stage`.
 async fn step<T>(
@@ -463,7 +552,7 @@ impl Deliverer {
     /// Opens a session: connect (implicit TLS), greeting, EHLO, STARTTLS + EHLO, AUTH.
     async fn open(&self) -> Result<Session, Failure> {
         let s = &self.cfg.smtp;
-        let mut conn = self.open_session().await?;
+        let (mut conn, pipelining) = self.open_session().await?;
         if let (Some((user, _)), Some(source)) = (&s.credentials, &self.oauth) {
             let what = format!("SMTP login as {user} (XOAUTH2)");
             match self.xoauth2_login(&mut conn, user, source).await {
@@ -531,6 +620,7 @@ impl Deliverer {
         }
         Ok(Session {
             conn,
+            pipelining,
             last_used: Instant::now(),
             transactions: 0,
         })
@@ -585,7 +675,7 @@ impl Deliverer {
     /// encrypted ("STARTTLS response injection"); and its connect reads the greeting and EHLO in
     /// one step, so a refusal could not be told apart from the other. Here the opening is read
     /// byte by byte, never ahead, and anything that follows the STARTTLS 220 drops the session.
-    async fn open_session(&self) -> Result<AsyncSmtpConnection, Failure> {
+    async fn open_session(&self) -> Result<(AsyncSmtpConnection, bool), Failure> {
         let s = &self.cfg.smtp;
         let implicit = s.tls == TlsMode::Tls;
         let what = format!(
@@ -628,7 +718,7 @@ impl Deliverer {
             };
             p.hello(&hello).await.map_err(|f| fail(f, &what))?;
             self.report_step(what, Ok("connected".into()));
-            return self.hand_over(Greeted { at: 0, inner: p.io }).await;
+            return self.hand_over(p.io).await;
         }
         let mut p = Plain {
             io: tcp,
@@ -637,14 +727,9 @@ impl Deliverer {
         let ehlo = p.hello(&hello).await.map_err(|f| fail(f, &what))?;
         self.report_step(what, Ok("connected".into()));
         if s.tls == TlsMode::None {
-            return self.hand_over(Greeted { at: 0, inner: p.io }).await;
+            return self.hand_over(p.io).await;
         }
-        let offers = ehlo.iter().skip(1).any(|l| {
-            l.split_whitespace()
-                .next()
-                .is_some_and(|k| k.eq_ignore_ascii_case("STARTTLS"))
-        });
-        if !offers {
+        if !offers(&ehlo, "STARTTLS") {
             self.report_step("STARTTLS", Err("not offered by the server".into()));
             let _ = p.command(Stage::Ehlo, "QUIT").await;
             return Err(Failure {
@@ -677,7 +762,7 @@ impl Deliverer {
             .await
             .map_err(|f| fail(f, "STARTTLS"))?;
         self.report_step("STARTTLS", Ok("encrypted".into()));
-        self.hand_over(Greeted { at: 0, inner: tls }).await
+        self.hand_over(tls).await
     }
 
     /// The TLS handshake within the timeout, verifying the server's name and certificate.
@@ -710,17 +795,29 @@ impl Deliverer {
         }
     }
 
-    /// Gives the opened stream to lettre, which reads our synthetic greeting and sends EHLO.
-    async fn hand_over<S>(&self, stream: Greeted<S>) -> Result<AsyncSmtpConnection, Failure>
+    /// Gives the opened stream to lettre, which reads our synthetic greeting and sends EHLO;
+    /// returns lettre's connection and whether that EHLO's reply offers PIPELINING.
+    ///
+    /// The PIPELINING decision is taken from lettre's EHLO (copied by [`EhloTap`] as it passes
+    /// through [`Greeted`]), in every TLS mode: it is the last EHLO of the session, and for
+    /// `tls = "starttls"` it is the first one over TLS — the pre-TLS reply may have been
+    /// rewritten by anyone on the path and must not be trusted (RFC 3207 4.2). Doing the
+    /// post-TLS EHLO ourselves would cost a round trip per connection for the same answer.
+    async fn hand_over<S>(&self, inner: S) -> Result<(AsyncSmtpConnection, bool), Failure>
     where
         Greeted<S>: lettre::transport::smtp::client::AsyncTokioStream + 'static,
     {
-        step(
+        let ehlo = std::sync::Arc::new(std::sync::OnceLock::new());
+        let stream = Greeted::new(inner, &ehlo);
+        let conn = step(
             Stage::Ehlo,
             self.cfg.smtp.timeout,
             AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.client_id),
         )
-        .await
+        .await?;
+        let pipelining = ehlo.get().is_some_and(|lines| offers(lines, "PIPELINING"));
+        tracing::debug!(pipelining, "SMTP session opened.");
+        Ok((conn, pipelining))
     }
 
     /// Sends one mail to `rcpts` (the recipients still pending). Never fails: everything that
@@ -914,12 +1011,28 @@ impl Deliverer {
             end: Ok(Reply::new(250, "")),
             relay_gated: false,
         };
-        let r = step(
-            Stage::MailFrom,
-            limit,
-            session.conn.command(Mail::new(Some(from.clone()), params)),
-        )
-        .await;
+        // Pipelined (RFC 2920): MAIL, every RCPT and DATA in one write, then their replies read
+        // in order. Each reply is judged exactly as in the one-by-one path, so the report is the
+        // same; what differs is that replies to commands already sent must still be read (and
+        // a 354 to DATA ended with a lone ".") when the transaction ends early.
+        let mail = Mail::new(Some(from.clone()), params);
+        let group = session
+            .pipelining
+            .then(|| {
+                let mut group = mail.to_string();
+                for rcpt in rcpts {
+                    group.push_str(&Rcpt::new(rcpt.clone(), vec![]).to_string());
+                }
+                group.push_str(&Data.to_string());
+                group
+            })
+            .filter(|group| group.len() <= PIPELINE_MAX_BYTES);
+        let pipelined = group.is_some();
+        let r = match group {
+            // `command` writes the text as is (one write, one flush) and reads MAIL's reply.
+            Some(group) => step(Stage::MailFrom, limit, session.conn.command(group)).await,
+            None => step(Stage::MailFrom, limit, session.conn.command(mail)).await,
+        };
         self.mail_from_at = Some(Instant::now());
         let r = match r {
             Ok(resp) if resp.code().severity != Severity::PositiveCompletion => Err(Failure {
@@ -932,19 +1045,33 @@ impl Deliverer {
             other => other,
         };
         if let Err(f) = r {
+            // An answer other than 421 leaves the session usable, once the RCPT and DATA
+            // replies already on their way are read; anything else drops it in `finish`.
+            let answered = match &f.problem {
+                Problem::Reply(reply) => reply.code != 421,
+                Problem::Client(_) => true,
+                _ => false,
+            };
             out.end = Err(f);
+            if pipelined && answered && !self.discard(&mut session.conn, rcpts.len()).await {
+                return out; // out of step: dropped, never reused
+            }
             self.finish(session, &out).await;
             return out;
         }
         let mut accepted = 0;
         for rcpt in rcpts {
-            match step(
-                Stage::RcptTo,
-                limit,
-                session.conn.command(Rcpt::new(rcpt.clone(), vec![])),
-            )
-            .await
-            {
+            let r = if pipelined {
+                step(Stage::RcptTo, limit, session.conn.read_response()).await
+            } else {
+                step(
+                    Stage::RcptTo,
+                    limit,
+                    session.conn.command(Rcpt::new(rcpt.clone(), vec![])),
+                )
+                .await
+            };
+            match r {
                 // lettre takes 3xx as success; only a 2xx accepts a recipient.
                 Ok(resp) if resp.code().severity != Severity::PositiveCompletion => {
                     out.rcpts.push((rcpt.to_string(), reply_of(&resp)));
@@ -980,10 +1107,18 @@ impl Deliverer {
                 stage: Stage::RcptTo,
                 problem: Problem::NoRecipientAccepted,
             });
+            if pipelined && !self.discard(&mut session.conn, 0).await {
+                return out; // out of step: dropped, never reused
+            }
             self.finish(session, &out).await;
             return out;
         }
-        if let Err(f) = step(Stage::Data, limit, session.conn.command(Data)).await {
+        let r = if pipelined {
+            step(Stage::Data, limit, session.conn.read_response()).await
+        } else {
+            step(Stage::Data, limit, session.conn.command(Data)).await
+        };
+        if let Err(f) = r {
             out.end = Err(f);
             self.finish(session, &out).await;
             return out;
@@ -1022,6 +1157,36 @@ impl Deliverer {
         session.transactions += 1;
         self.finish(session, &out).await;
         out
+    }
+
+    /// Reads the rest of a pipelined group that carries no message (MAIL refused, or no
+    /// recipient accepted): the replies to `rcpts` RCPTs, then DATA's. A DATA that got 354
+    /// anyway is ended with a lone "." (as RFC 2920 says: the server then refuses the empty
+    /// transaction) and that reply is read too. True when every reply came and none was 421,
+    /// so the session is in step and `finish` may reset and keep it.
+    async fn discard(&self, conn: &mut AsyncSmtpConnection, rcpts: usize) -> bool {
+        let limit = self.cfg.smtp.timeout;
+        type Read =
+            Result<Result<Response, lettre::transport::smtp::Error>, tokio::time::error::Elapsed>;
+        let answered = |r: &Read| match r {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => e.status().is_some_and(|c| u16::from(c) != 421),
+            Err(_) => false,
+        };
+        for _ in 0..rcpts {
+            if !answered(&tokio::time::timeout(limit, conn.read_response()).await) {
+                return false;
+            }
+        }
+        let data = tokio::time::timeout(limit, conn.read_response()).await;
+        match &data {
+            Ok(Ok(r)) if r.code().severity == Severity::PositiveIntermediate => {
+                // Not `message(b"")`, which would send an empty line before the dot.
+                let dot = tokio::time::timeout(self.cfg.smtp.data_timeout, conn.command(".\r\n"));
+                answered(&dot.await)
+            }
+            other => answered(other),
+        }
     }
 
     /// Decides whether the session can be kept after a transaction, and resets it if needed.

@@ -64,24 +64,7 @@ fn provider(rotate: bool, expires_in: u64) -> Shared {
 fn token_endpoint(p: Shared, tls: Option<(PathBuf, PathBuf)>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let tls = tls.map(|(cert, key)| {
-        use rustls::pki_types::pem::PemObject;
-        let certs = rustls::pki_types::CertificateDer::pem_file_iter(cert)
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
-        Arc::new(
-            rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap(),
-        )
-    });
+    let tls = tls.map(|(cert, key)| rustls_server_config(&cert, &key));
     std::thread::spawn(move || {
         for sock in listener.incoming() {
             let Ok(sock) = sock else { return };

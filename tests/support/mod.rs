@@ -213,6 +213,12 @@ impl TestCa {
         fs::read_to_string(&self.ca_pem_path).unwrap()
     }
 
+    /// A rustls server config (ring) with the trusted server certificate, for test servers
+    /// written in Rust.
+    pub fn rustls_server_config(&self) -> Arc<rustls::ServerConfig> {
+        rustls_server_config(&self.cert_path, &self.key_path)
+    }
+
     /// `["--tls-mode", mode, "--cert", .., "--key", ..]` for [`SmtpServer::start`] (trusted cert).
     pub fn server_args(&self, tls_mode: &str) -> Vec<String> {
         tls_args(tls_mode, &self.cert_path, &self.key_path)
@@ -226,6 +232,26 @@ impl TestCa {
             &self.untrusted_key_path,
         )
     }
+}
+
+/// A rustls server config (ring, no client auth) from PEM files: the certificate chain and key.
+pub fn rustls_server_config(cert: &Path, key: &Path) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+    Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap(),
+    )
 }
 
 fn tls_args(mode: &str, cert: &Path, key: &Path) -> Vec<String> {
