@@ -406,6 +406,37 @@ fn offers(ehlo: &[String], keyword: &str) -> bool {
     })
 }
 
+/// Sends the message and the final "." as one write, and reads the reply: what lettre's
+/// `message` sends (the message with leading dots doubled, RFC 5321 4.5.2, then "\r\n.\r\n"),
+/// but lettre writes the message and the final dot separately, and the second small write
+/// wakes the server a second time for every mail. A message that is not UTF-8 (lettre's
+/// `command` takes text) goes through lettre's `message` as before.
+async fn send_message(
+    conn: &mut AsyncSmtpConnection,
+    bytes: &[u8],
+) -> Result<Response, lettre::transport::smtp::Error> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => conn.command(data_with_end(text)).await,
+        Err(_) => conn.message(bytes).await,
+    }
+}
+
+/// The message as the DATA phase sends it: a "." that begins a line (after CRLF, or at the
+/// very start) doubled, then "\r\n.\r\n" — byte for byte what lettre's `message` writes.
+fn data_with_end(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 64 + 8);
+    let mut line_start = true;
+    for line in text.split_inclusive('\n') {
+        if line_start && line.starts_with('.') {
+            out.push('.');
+        }
+        out.push_str(line);
+        line_start = line.ends_with("\r\n");
+    }
+    out.push_str("\r\n.\r\n");
+    out
+}
+
 /// Joins an error with its sources into one line (lettre puts the server text in the source).
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -1126,7 +1157,7 @@ impl Deliverer {
         out.end = step(
             Stage::DataEnd,
             self.cfg.smtp.data_timeout,
-            session.conn.message(bytes),
+            send_message(&mut session.conn, bytes),
         )
         .await
         .and_then(|r| {
@@ -1327,5 +1358,23 @@ impl Deliverer {
                 chain(&e)
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dots are doubled exactly where lettre's codec doubles them: at the very start and after
+    /// CRLF, not after a bare LF or CR; the end is lettre's "\r\n.\r\n".
+    #[test]
+    fn the_data_phase_doubles_leading_dots_like_lettre() {
+        assert_eq!(
+            data_with_end(".a\r\nb\r\n..c\r\n.\r\n"),
+            "..a\r\nb\r\n...c\r\n..\r\n\r\n.\r\n"
+        );
+        assert_eq!(data_with_end("a\n.b\r.c"), "a\n.b\r.c\r\n.\r\n");
+        assert_eq!(data_with_end("日本\r\n.語"), "日本\r\n..語\r\n.\r\n");
+        assert_eq!(data_with_end(""), "\r\n.\r\n");
     }
 }
