@@ -5,6 +5,10 @@
 # what they are (SQLite, file writes, thread wakeups, TCP, lettre, ...). Writes docs/PROFILE.md.
 #
 #   bash benches/profile.sh            # N=20000, about a minute after the build
+#   BIN=/path/to/old/mailqueue PROFILE_COMMIT=abc1234 python3 benches/profile/profile.py
+#                                      # profile another build (an older commit: before/after)
+#
+# Each run adds a row to the page's "Runs" table, keeping the earlier rows.
 #
 # As root on Debian: installs linux-perf if missing (and the test servers, via
 # scripts/test-setup.sh). perf's own overhead lowers the rate; the shares are what count.
