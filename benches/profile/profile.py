@@ -65,16 +65,18 @@ def history(path, now):
     """The "Runs" table: this run first, then the rows of the page being replaced (or, for a page
     written before the table existed, that page's own run), so before and after stay on record."""
     head = ["## Runs, newest first", "",
-            "Each run of this script adds a row (the commit's subject says what changed); the "
-            "shares are of the daemon's samples, as in the table above.", "",
+            "Each run of this script adds a row; the last column is the newest commit that changed "
+            "the daemon's source at the profiled commit (what the row measures). The shares are of "
+            "the daemon's samples, as in the table above.", "",
             "| date | commit | mails/s under perf | CPU µs/mail | " +
-            " | ".join(k for k, _ in HISTORY_KINDS) + " | the commit |",
+            " | ".join(k for k, _ in HISTORY_KINDS) + " | the daemon's last source change |",
             "|---|---|---|---|" + "---|" * len(HISTORY_KINDS) + "---|"]
 
     def subject(commit):
-        r = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%s", commit.rstrip("+")],
-                           capture_output=True, text=True)
-        return (r.stdout.strip()[:90] or "?").replace("|", "/")
+        # The last commit that changed the daemon's source: what the row measures.
+        r = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%h %s", commit.rstrip("+"),
+                            "--", "src", "Cargo.toml", "Cargo.lock"], capture_output=True, text=True)
+        return (r.stdout.strip()[:100] or "?").replace("|", "/")
 
     def row(d):
         return (f"| {d['date']} | `{d['commit']}` | {d['rate']} | {d['cpu']} | " +
