@@ -176,11 +176,11 @@ POSTFIXES = []  # Postfix instances to stop on the way out
 class Sink:
     """smtp-sink on 127.0.0.1, with -c counters on stdout (no dump files: as fast as it goes)."""
 
-    def __init__(self, tmp, name, pin):
+    def __init__(self, tmp, name, pin, flags=()):
         self.name, self.pin = name, pin
         self.port = free_port()
         self.out = os.path.join(tmp, f"sink-{name}.out")
-        cmd = pin_prefix(pin) + [SMTP_SINK] + (["-u", "nobody"] if IS_ROOT else [])
+        cmd = pin_prefix(pin) + [SMTP_SINK] + (["-u", "nobody"] if IS_ROOT else []) + list(flags)
         cmd += ["-c", f"127.0.0.1:{self.port}", "256"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=open(self.out, "wb"),
                                      stderr=subprocess.STDOUT)
@@ -565,7 +565,7 @@ master_service_disable =
 # The measurements
 # ---------------------------------------------------------------------------------------------
 
-def throughput(tmp, sinks, nodelay_so):
+def throughput(tmp, sinks, nodelay_so, np_sinks):
     log(f"throughput: building a queue file with N={N} mails (one transaction)")
     t = time.monotonic()
     template = make_template(tmp, "tp-template", N)
@@ -573,11 +573,14 @@ def throughput(tmp, sinks, nodelay_so):
     cfgs = {}
     # "b1": one connection with `commit_batch = 1`, every outcome committed before the next mail
     # (no crash window), beside the default batched drain.
-    for mode, per_conn, q in (("one", 1000000, ""), ("b1", 1000000, "commit_batch = 1"), ("new", 1, "")):
+    # "np": one connection to the sink without PIPELINING.
+    for mode, per_conn, q in (("one", 1000000, ""), ("b1", 1000000, "commit_batch = 1"),
+                              ("np", 1000000, ""), ("new", 1, "")):
         for pin in (False, True):
             db = os.path.join(tmp, f"tp-{mode}-{int(pin)}.db")
+            sink = np_sinks[pin] if mode == "np" else sinks[pin]
             cfgs[(mode, pin)] = write_config(
-                os.path.join(tmp, f"tp-{mode}-{int(pin)}.toml"), db, sinks[pin].port,
+                os.path.join(tmp, f"tp-{mode}-{int(pin)}.toml"), db, sink.port,
                 smtp_extra=f"max_messages_per_connection = {per_conn}", queue_extra=q)
     pf = None
     if not SKIP_POSTFIX:
@@ -589,13 +592,13 @@ def throughput(tmp, sinks, nodelay_so):
         except Exception as e:  # noqa: BLE001 - reported in the page
             log(f"postfix: cannot set it up: {e}")
             pf = RuntimeError(str(e))
-    runs = {k: {False: [], True: []} for k in ("mq_one", "mq_b1", "mq_new", "source", "postfix", "diag")}
+    runs = {k: {False: [], True: []} for k in ("mq_one", "mq_b1", "mq_np", "mq_new", "source", "postfix", "diag")}
     for rnd in range(1, ROUNDS + 1):
         for pin in (False, True):
             tag = "pinned to CPU 0" if pin else "unpinned"
             label = f"round {rnd}/{ROUNDS}, {tag}"
-            for key, mode in (("mq_one", "one"), ("source", None), ("mq_b1", "b1"), ("mq_new", "new"),
-                              ("postfix", None), ("diag", "one")):
+            for key, mode in (("mq_one", "one"), ("source", None), ("mq_b1", "b1"), ("mq_np", "np"),
+                              ("mq_new", "new"), ("postfix", None), ("diag", "one")):
                 if key == "source":
                     r = run_source(sinks[pin], pin, N)
                     what = f"smtp-source -s 1 -d -m {N} -l 1024"
@@ -610,10 +613,12 @@ def throughput(tmp, sinks, nodelay_so):
                     fresh_copy(template, tmp, f"tp-{mode}-{int(pin)}")
                     budget = DIAG_BUDGET_S if key == "diag" else MQ_BUDGET_S
                     extra = {"LD_PRELOAD": nodelay_so} if key == "diag" else None
-                    r = run_mq(cfgs[(mode, pin)], sinks[pin], pin, N, budget,
+                    sink = np_sinks[pin] if key == "mq_np" else sinks[pin]
+                    r = run_mq(cfgs[(mode, pin)], sink, pin, N, budget,
                                os.path.join(tmp, f"{key}-{rnd}-{int(pin)}.log"), extra)
                     what = {"mq_one": "mailqueue, one connection",
                             "mq_b1": "mailqueue, one connection, commit_batch = 1",
+                            "mq_np": "mailqueue, one connection, sink without PIPELINING",
                             "mq_new": "mailqueue, new connection per mail",
                             "diag": "diagnostic: mailqueue one connection + TCP_NODELAY shim"}[key]
                 runs[key][pin].append(r)
@@ -914,6 +919,44 @@ def verdict(ok):
     return "**met**" if ok else "**not met**"
 
 
+RUN_COLS = [("date", "date"), ("commit", "commit"), ("mq", "mailqueue pinned (mails/s)"),
+            ("src", "smtp-source pinned"), ("pf", "Postfix pinned"), ("of_src", "÷ smtp-source"),
+            ("x_pf", "× Postfix"), ("lat", "latency p50"), ("idle", "idle CPU"),
+            ("table", "1k ÷ 1M rows")]
+
+
+def runs_table(path, now):
+    """The "Runs" section: this run first, then the rows of the page being replaced (for a page
+    written before the section existed, the figures of that page's own run), so before and after
+    stay on record."""
+    out = ["## Runs, newest first", "",
+           "Each run of this script adds a row (the medians of section 1, pinned; the daemon's last "
+           "source change is in `git log` at that commit).", "",
+           "| " + " | ".join(t for _, t in RUN_COLS) + " |", "|" + "---|" * len(RUN_COLS)]
+    row = lambda d: "| " + " | ".join(f"`{d[k]}`" if k == "commit" else d.get(k, "?")  # noqa: E731
+                                     for k, _ in RUN_COLS) + " |"
+    try:
+        old = open(path).read()
+    except OSError:
+        old = ""
+    rows = []
+    if "## Runs, newest first" in old:
+        rows = [l for l in old.split("## Runs, newest first", 1)[1].splitlines() if l.startswith("| 20")]
+    elif old:
+        g = lambda pat: (re.search(pat, old, re.M) or [None, None])[1]  # noqa: E731
+        d = {"date": g(r"^\| date \| (.+?) \|$"), "commit": g(r"^\| commit \| `(\w+)`"),
+             "mq": g(r"at least ½ of `smtp-source -d` \| (\d+) vs"),
+             "src": g(r"at least ½ of `smtp-source -d` \| \d+ vs (\d+) mails/s"),
+             "pf": g(r"at least 5× Postfix draining its queue \| \d+ vs (\d+) mails/s"),
+             "of_src": g(r"mails/s \(([\d.]+ %); median"), "x_pf": g(r"mails/s \(([\d.]+×)\) \|"),
+             "lat": g(r"latency p50 < 100 ms .*? \| p50 ([\d.]+ ms),"),
+             "idle": g(r"idle CPU < 0.1 % of one core \| ([\d.]+ %)"),
+             "table": g(r"rows within 1.5× \| ([\d.]+×)")}
+        if d["date"] and d["commit"]:
+            rows = [row({k: v or "?" for k, v in d.items()})]
+    return out + [row(now)] + rows + [""]
+
+
 def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, plan):
     L = []
     a = L.append
@@ -951,8 +994,8 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
     a("")
 
     # --- targets -----------------------------------------------------------------------------
-    sending_rss = max(r["maxrss_kb"] for k in ("mq_one", "mq_b1", "mq_new") for p in (False, True)
-                      for r in tp[k][p]) / 1024
+    sending_rss = max(r["maxrss_kb"] for k in ("mq_one", "mq_b1", "mq_np", "mq_new") for p in (False, True)
+                      for r in tp.get(k, {}).get(p, [])) / 1024
     sc_ratio = median([r["rate"] for r in sc[("mq", "small")]]) / \
         median([r["rate"] for r in sc[("mq", "big")]])
     a("## Targets")
@@ -1012,6 +1055,8 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
                         "default `commit_batch = 64`)"),
              ("mq_b1", "mailqueue, one connection, `commit_batch = 1` (every outcome committed before "
                        "the next mail)"),
+             ("mq_np", "mailqueue, one connection, to `smtp-sink -p` (no PIPELINING offered: four "
+                       "round trips per mail, like smtp-source)"),
              ("mq_new", "mailqueue, new connection per mail (`max_messages_per_connection = 1`)"),
              ("source", "smtp-source `-s 1 -d` (one connection)"),
              ("postfix", f"Postfix {pf_info.get('version', '')} draining its queue "
@@ -1020,7 +1065,7 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
     for pin in (True, False):
         src_med = median([r["rate"] for r in tp["source"][pin]])
         for key, name in names:
-            rs = tp[key][pin]
+            rs = tp.get(key, {}).get(pin, [])
             if not rs:
                 continue
             med = median([r["rate"] for r in rs])
@@ -1028,7 +1073,7 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
             ns = sorted(r["delivered"] for r in rs)
             n_txt = f"{ns[0]}" if ns[0] == ns[-1] else f"{ns[0]}–{ns[-1]}"
             cpu = f"{median([r['cpu_us_per_mail'] for r in rs]):.0f}" if "cpu_us_per_mail" in rs[0] else "–"
-            conns = {"mq_one": "1", "mq_b1": "1", "mq_new": "1 per mail", "source": "1", "diag": "1"}.get(key)
+            conns = {"mq_one": "1", "mq_b1": "1", "mq_np": "1", "mq_new": "1 per mail", "source": "1", "diag": "1"}.get(key)
             if key == "postfix":
                 conns = "/".join(sorted({str(r["connections"]) for r in rs}))
             a(f"| {name} | {'pinned' if pin else 'unpinned'} | **{fr(med)}** | {fmt_rates(rs)} | {per} | {n_txt} | {cpu} | {conns} |")
@@ -1056,7 +1101,8 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
     a("RSS while sending (peak VmHWM of the mailqueue process, sampled every 20 ms): "
       + ", ".join(f"{n} {max(r['maxrss_kb'] for p in (False, True) for r in tp[k][p]) / 1024:.1f} MiB"
                   for k, n in (("mq_one", "one connection"), ("mq_b1", "commit_batch = 1"),
-                               ("mq_new", "new connection per mail")) if tp[k][True]) + ".")
+                               ("mq_np", "no PIPELINING"), ("mq_new", "new connection per mail"))
+                  if tp.get(k, {}).get(True)) + ".")
     a("")
 
     # --- pacing --------------------------------------------------------------------------------
@@ -1179,14 +1225,14 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
     a(f"- **mailqueue vs one SMTP connection.** With {N:,} mails queued, mailqueue delivers "
       f"{fr(mq_p)} mails/s over one connection pinned ({fr(mq_u)} unpinned): "
       f"{mq_p / src_p * 100:.2f} % of smtp-source's {fr(src_p)} mails/s against the same sink "
-      f"({mq_u / src_u * 100:.2f} % unpinned); {1000 / mq_p:.1f} ms per mail, of which "
-      f"{cpu_p / 1000:.1f} ms is CPU (all threads, steady state). A new connection per mail "
+      f"({mq_u / src_u * 100:.2f} % unpinned); {1e6 / mq_p:.0f} µs per mail, of which "
+      f"{cpu_p:.0f} µs is the daemon's CPU (all threads, steady state). A new connection per mail "
       f"(connect, greeting, EHLO, QUIT each time) brings it to {fr(med('mq_new', True))} mails/s "
       f"pinned ({med('mq_new', True) / mq_p * 100:.0f} %), {fr(med('mq_new', False))} unpinned."
       + (f" With {SCALE_N:,} queued instead (section 5) it delivers {fr(scm('mq', 'small'))} mails/s "
          f"pinned, {scm('mq', 'small') / src_p * 100:.1f} % of smtp-source, "
          f"{scm('mq', 'small', 'cpu_us_per_mail'):.0f} µs CPU per mail." if ("mq", "small") in sc else ""))
-    if tp["mq_b1"][True]:
+    if tp.get("mq_b1", {}).get(True):
         b1_p, b1_u = med("mq_b1", True), med("mq_b1", False)
         a(f"- **Batched commits.** Unpaced, the daemon claims rows and commits `sent` outcomes in "
           f"batches (`[queue] commit_batch`, default 64; two WAL commits per batch instead of two per "
@@ -1197,6 +1243,15 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
           f"recorded, and rows claimed but not yet sent — which the next start settles in doubt and "
           f"sends once more with the same Message-ID: duplicates, never a loss "
           f"(tests/batching.rs; docs/reliability.md).")
+    if tp.get("mq_np", {}).get(True):
+        np_p, np_u = med("mq_np", True), med("mq_np", False)
+        a(f"- **PIPELINING.** smtp-source cannot pipeline (smtp-source(1), BUGS: \"No SMTP command "
+          f"pipelining support\"): it makes four round trips per mail (MAIL, RCPT, DATA, the message). "
+          f"mailqueue pipelines when the server offers it, as smtp-sink does: MAIL, RCPT and DATA in "
+          f"one write, then the message with its final dot in one write — two round trips. Like for "
+          f"like, against the same sink with PIPELINING off (`smtp-sink -p`), it delivers "
+          f"{fr(np_p)} mails/s pinned ({np_p / src_p * 100:.1f} % of smtp-source), {fr(np_u)} "
+          f"unpinned ({np_u / src_u * 100:.1f} %). Postfix's own SMTP client pipelines too.")
     try:
         nodelay_in_src = "set_nodelay(true)" in open(os.path.join(ROOT, "src", "net.rs")).read()
     except OSError:
@@ -1270,7 +1325,7 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
         pf_p = med("postfix", True)
         a(f"- **Postfix** drains {fr(pf_p)} mails/s pinned over one connection (its connection cache "
           f"hands the connection from one `smtp` process to the next, each delivering up to 100), "
-          f"with per-mail queue-file work; mailqueue reaches {mq_p / pf_p * 100:.1f} % of that.")
+          f"with per-mail queue-file work; mailqueue delivers {mq_p / pf_p:.1f}× that.")
     a("- **Where the CPU goes** while draining a backlog: [PROFILE.md](PROFILE.md), written by "
       "`bash benches/profile.sh` (`perf record` of the same one-connection run, grouped by kind of work).")
     a(f"- **Latency** ({lat['p50_ms']:.1f} ms p50, {lat['p99_ms']:.1f} ms p99): an idle daemon is "
@@ -1286,6 +1341,14 @@ def write_page(info, tp, pf_info, pace, lat, idl, sc, sc_sizes, st, sc_cases, pl
       f"ticks, so 0.00 s means less than one tick).")
     a("- Raw figures of every run: `target/bench/e2e-results.json` (not committed).")
     a("")
+    L.extend(runs_table(OUT, {
+        "date": info["date"], "commit": info["commit"] + ("+" if info["dirty"] else ""),
+        "mq": fr(t_mq) if t_mq else "?", "src": fr(t_src) if t_src else "?",
+        "pf": fr(t_pf) if t_pf else "?",
+        "of_src": f"{t_mq / t_src * 100:.1f} %" if t_mq and t_src else "?",
+        "x_pf": f"{t_mq / t_pf:.2f}×" if t_mq and t_pf else "?",
+        "lat": f"{lat['p50_ms']:.1f} ms", "idle": f"{idl['cpu_pct']:.3f} %", "table": f"{sc_ratio:.2f}×",
+    }))
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:
         f.write("\n".join(L))
@@ -1342,7 +1405,11 @@ def main():
     sinks = {}
     try:
         sinks = {False: Sink(tmp, "unpinned", False), True: Sink(tmp, "pinned", True)}
-        tp, pf_info = throughput(tmp, sinks, nodelay_so)
+        # The same sink without PIPELINING (`-p`): mailqueue then makes the four round trips per
+        # mail smtp-source makes (smtp-source cannot pipeline), a like-for-like comparison.
+        np_sinks = {False: Sink(tmp, "unpinned-nopipe", False, ["-p"]),
+                    True: Sink(tmp, "pinned-nopipe", True, ["-p"])}
+        tp, pf_info = throughput(tmp, sinks, nodelay_so, np_sinks)
         pace = pacing(tmp)
         lat = latency(tmp)
         idl = idle(tmp, sinks[False])
