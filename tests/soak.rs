@@ -809,7 +809,11 @@ fn render(soak: &Soak, f: &Figures, duration: Duration, passed: bool) -> String 
          `crash-after-reply:{prob}` (abort between the server's final reply and the outcome write). \
          A last, clean run drains the queue. Then every row must be `sent`, `failed` or `held` \
          with a reason, no attempt open, every `sent` row at the server for every recipient (by \
-         Message-ID), each mail's extra copies covered by its own `in_doubt` attempts.\n",
+         Message-ID), each mail's extra copies covered by its own `in_doubt` attempts. The queue is \
+         unpaced, so the daemon claims and commits in batches (`[queue] commit_batch`, default 64, \
+         about 50 ms of sending at most): every crash leaves the rows of the batch in flight in \
+         doubt — those already sent go out twice (the duplicates below), those only claimed once \
+         (see docs/reliability.md, batched commits).\n",
         prob = p.probability
     );
     let _ = writeln!(s, "| | |\n|---|---|");
