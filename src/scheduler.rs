@@ -31,8 +31,8 @@
 //!
 //! Invariants: shutdown is checked only between mails, so a mail in flight finishes (or, past
 //! the grace, stays `sending` to be recovered as in doubt); no outcome waits uncommitted while
-//! the loop waits (pace, idle, back-off, stop) or while the pace is on; the heartbeat is renewed before
-//! every bounded wait, so the watchdog sees a frozen loop and only that; a
+//! the loop waits (pace, idle, back-off, stop) or while the pace is on; the heartbeat is
+//! renewed before every bounded wait, so the watchdog sees a frozen loop and only that; a
 //! database error never kills the loop (it backs off and tries again) and an outcome is
 //! retried until it is written, so nothing is marked sent that was not, and a row is never left
 //! `sending` while this process lives.

@@ -376,8 +376,9 @@ fn with_file(e: Error, path: &Path) -> Error {
 
 /// The `WHERE` clause of a due row, always read through the partial index `mail_queue_waiting`
 /// (`INDEXED BY`): left to itself SQLite picks `mail_queue_status` and sorts every queued row
-/// for each claim — 16 ms a claim with 20 000 rows waiting, measured by benches/e2e.sh. `?1` is now. While the account is paused (and the pause
-/// has not run out), only rows whose own `max_attempts` is 1 — a CRM's test mail — are due.
+/// for each claim — 16 ms a claim with 20 000 rows waiting, measured by benches/e2e.sh. `?1` is
+/// now. While the account is paused (and the pause has not run out), only rows whose own
+/// `max_attempts` is 1 — a CRM's test mail — are due.
 const DUE: &str = "status = 'queued' AND next_attempt_at <= ?1
      AND (send_after IS NULL OR coalesce(strftime('%Y-%m-%dT%H:%M:%fZ', send_after), '') <= ?1)
      AND (max_attempts = 1 OR NOT EXISTS
