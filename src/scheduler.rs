@@ -607,9 +607,11 @@ impl Worker {
     /// Gives every row claimed ahead back untouched (a stop, an account pause, a full rolling
     /// cap), in one transaction, retrying like [`Self::write`].
     async fn release_ahead(&mut self) {
-        let claims: Vec<(i64, i64)> = self.ahead.drain(..).map(|c| (c.id, c.attempt_id)).collect();
+        // Dropped from `ahead` only once given back (a stop past the grace may drop this future).
+        let claims: Vec<(i64, i64)> = self.ahead.iter().map(|c| (c.id, c.attempt_id)).collect();
         if !claims.is_empty() {
             self.release_all(claims).await;
+            self.ahead.clear();
         }
     }
 
@@ -674,8 +676,9 @@ impl Worker {
         if self.unrecorded.is_empty() {
             return;
         }
-        let recs = std::mem::take(&mut self.unrecorded);
-        self.unrecorded_since = None;
+        // Kept in `unrecorded` until the database takes them: if this future is dropped mid-retry
+        // (the shutdown grace ran out), the loop's last flush still has them to write.
+        let recs = self.unrecorded.clone();
         let claim = claim
             && self.claim_ahead
             && self.ahead.is_empty()
@@ -700,7 +703,11 @@ impl Worker {
                 self.store.record_many(recs.clone()).await
             };
             match result {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.unrecorded.clear();
+                    self.unrecorded_since = None;
+                    return;
+                }
                 Err(e) => {
                     tracing::error!(mail_id = recs[0].id, outcomes = recs.len(), error = %e.text(Lang::En), retry_in_ms = wait.as_millis() as u64,
                         "Cannot record the outcome in the queue database; trying again.");
@@ -1029,6 +1036,10 @@ async fn apply(worker: &mut Worker, c: Control) {
     match c {
         Control::Reload => {
             service::notify_reloading();
+            // The new settings may set a pace or a smaller batch: what was sent is written and
+            // the rows claimed ahead under the old ones go back, to be claimed under the new.
+            worker.flush(false).await;
+            worker.release_ahead().await;
             worker.reload().await;
             service::notify_ready("reloaded");
         }
