@@ -142,3 +142,36 @@ fn a_paced_queue_commits_every_outcome_whatever_commit_batch_says() {
     assert_eq!(c.left_sending, 1, "only the mail in flight");
     assert_eq!(c.duplicates, 1);
 }
+
+/// A reload that sets a pace mid-drain gives back the rows claimed ahead under the old settings:
+/// from then on at most the one row claimed ahead for the next paced send stays `sending`.
+#[test]
+fn a_reload_that_sets_a_pace_gives_the_batch_back() {
+    let sink = SmtpSink::start(NO_ARGS);
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("queue.db");
+    let text =
+        base_config(&db_path, sink.port).replace("[queue]\n", "[queue]\ncommit_batch = 64\n");
+    let cfg = write_config(dir.path(), &text);
+    migrate(&cfg);
+    let db = Db::open(&db_path);
+    for i in 0..3000 {
+        db.insert("to@example.org", &format!("mail {i}"), "body");
+    }
+    let mut d = Daemon::spawn(&cfg, &["run"]);
+    sink.wait_for_messages(200, LONG);
+    write_config(
+        dir.path(),
+        &text.replace("interval_ms = 0", "interval_ms = 5000"),
+    );
+    d.signal("HUP");
+    wait_until(LONG, "the reload", || {
+        d.stderr().contains("Configuration reloaded.").then_some(())
+    });
+    let sending: i64 = db.query_one("SELECT count(*) FROM mail_queue WHERE status = 'sending'");
+    assert!(
+        sending <= 1,
+        "{sending} rows still claimed after the pace was set"
+    );
+    d.terminate(LONG);
+}
