@@ -818,7 +818,9 @@ impl SmtpSink {
         }
     }
 
-    /// Polls until at least `n` sessions have ended.
+    /// Polls until at least `n` sessions have ended. smtp-sink counts a session before it deletes
+    /// that session's unfinished dump file: to see an aborted transaction's file gone, wait for
+    /// that too.
     pub fn wait_for_sessions(&self, n: u64, timeout: Duration) -> SinkCounters {
         wait_until(timeout, &format!("{n} smtp-sink sessions to end"), || {
             Some(self.counters()).filter(|c| c.sessions >= n)
