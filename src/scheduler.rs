@@ -615,6 +615,13 @@ impl Worker {
         }
     }
 
+    /// Before anything that must not find a batch half done (a stop, a wait for a rolling cap, a
+    /// reload): what was sent is written, what was claimed ahead goes back untouched.
+    async fn settle(&mut self) {
+        self.flush(false).await;
+        self.release_ahead().await;
+    }
+
     async fn release_all(&self, claims: Vec<(i64, i64)>) {
         let mut wait = Duration::from_millis(200);
         while let Err(e) = self.store.release_many(claims.clone()).await {
@@ -676,13 +683,13 @@ impl Worker {
         if self.unrecorded.is_empty() {
             return;
         }
-        // Kept in `unrecorded` until the database takes them: if this future is dropped mid-retry
-        // (the shutdown grace ran out), the loop's last flush still has them to write.
-        let recs = self.unrecorded.clone();
+        // Kept in `unrecorded` until the database takes them (each try writes a copy): if this
+        // future is dropped mid-retry (the shutdown grace ran out), the loop's last flush still
+        // has them to write.
         let claim = claim
             && self.claim_ahead
             && self.ahead.is_empty()
-            && !recs.iter().any(|r| r.pause.is_some());
+            && !self.unrecorded.iter().any(|r| r.pause.is_some());
         let mut wait = Duration::from_millis(200);
         loop {
             let now = SystemTime::now();
@@ -690,7 +697,7 @@ impl Worker {
             let result = if n > 0 {
                 let r = self
                     .store
-                    .record_then_claim(recs.clone(), now, self.msgid_domain.clone(), n)
+                    .record_then_claim(self.unrecorded.clone(), now, self.msgid_domain.clone(), n)
                     .await;
                 r.map(|next| match next {
                     Ok(c) => self.ahead.extend(c),
@@ -700,7 +707,7 @@ impl Worker {
                     }
                 })
             } else {
-                self.store.record_many(recs.clone()).await
+                self.store.record_many(self.unrecorded.clone()).await
             };
             match result {
                 Ok(()) => {
@@ -709,7 +716,7 @@ impl Worker {
                     return;
                 }
                 Err(e) => {
-                    tracing::error!(mail_id = recs[0].id, outcomes = recs.len(), error = %e.text(Lang::En), retry_in_ms = wait.as_millis() as u64,
+                    tracing::error!(mail_id = self.unrecorded[0].id, outcomes = self.unrecorded.len(), error = %e.text(Lang::En), retry_in_ms = wait.as_millis() as u64,
                         "Cannot record the outcome in the queue database; trying again.");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(30));
@@ -937,9 +944,8 @@ pub async fn run(
         // leaves nothing in doubt), not after claiming.
         if let Some(w) = worker.pacer.window_wait(SystemTime::now()) {
             if w > poll {
-                worker.flush(false).await;
                 worker.ahead.extend(ahead);
-                worker.release_ahead().await;
+                worker.settle().await;
                 tracing::debug!(
                     wait_ms = w.as_millis() as u64,
                     "The hourly or daily cap is reached; waiting."
@@ -1004,8 +1010,7 @@ pub async fn run(
         };
         let Some(fin) = fin else {
             // The mail in flight is abandoned; what finished before it is still written.
-            worker.flush(false).await;
-            worker.release_ahead().await;
+            worker.settle().await;
             return Ok(stats);
         };
         let Some(fin) = fin else { break };
@@ -1024,9 +1029,7 @@ pub async fn run(
             _ => {}
         }
     }
-    // Stopping: what was sent is written, what was claimed ahead goes back untouched.
-    worker.flush(false).await;
-    worker.release_ahead().await;
+    worker.settle().await;
     worker.close().await;
     Ok(stats)
 }
@@ -1036,10 +1039,9 @@ async fn apply(worker: &mut Worker, c: Control) {
     match c {
         Control::Reload => {
             service::notify_reloading();
-            // The new settings may set a pace or a smaller batch: what was sent is written and
-            // the rows claimed ahead under the old ones go back, to be claimed under the new.
-            worker.flush(false).await;
-            worker.release_ahead().await;
+            // The new settings may set a pace or a smaller batch: the rows claimed ahead under
+            // the old ones go back, to be claimed under the new.
+            worker.settle().await;
             worker.reload().await;
             service::notify_ready("reloaded");
         }

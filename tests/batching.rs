@@ -168,6 +168,9 @@ fn a_reload_that_sets_a_pace_gives_the_batch_back() {
     wait_until(LONG, "the reload", || {
         d.stderr().contains("Configuration reloaded.").then_some(())
     });
+    // Without this the test could pass for a drain that finished before the signal.
+    let queued: i64 = db.query_one("SELECT count(*) FROM mail_queue WHERE status = 'queued'");
+    assert!(queued > 0, "the reload came mid-drain");
     let sending: i64 = db.query_one("SELECT count(*) FROM mail_queue WHERE status = 'sending'");
     assert!(
         sending <= 1,
